@@ -1,0 +1,1 @@
+"""The gateway: WebRTC sessions, dialog orchestration, worker pool (see README)."""

@@ -1,0 +1,3 @@
+from stream.cli import app
+
+app()

@@ -1,0 +1,76 @@
+"""Audio helpers: WAV files and sample-rate conversion (PyAV's resampler, libswresample)."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV file as mono int16 samples and its sample rate."""
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM WAV is supported, not {8 * wav.getsampwidth()}-bit")
+        channels, rate = wav.getnchannels(), wav.getframerate()
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
+    return samples.astype(np.int16, copy=False), rate
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono int16 samples as a WAV file."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+
+
+class Resampler:
+    """Streaming mono int16 sample-rate conversion that keeps filter state across calls."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self.from_rate = from_rate
+        self.to_rate = to_rate
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=to_rate)
+        self._pts = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Resample the next piece of the stream."""
+        if self.from_rate == self.to_rate:
+            return np.asarray(samples, dtype=np.int16)
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples, dtype=np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.from_rate
+        frame.pts = self._pts
+        self._pts += len(samples)
+        return self._collect(self._resampler.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        """The samples still inside the filter, at the end of the stream."""
+        if self.from_rate == self.to_rate:
+            return np.zeros(0, np.int16)
+        return self._collect(self._resampler.resample(None))
+
+    @staticmethod
+    def _collect(frames: list[av.AudioFrame]) -> np.ndarray:
+        if not frames:
+            return np.zeros(0, np.int16)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int16, copy=False)
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Convert a whole mono int16 signal from one sample rate to another."""
+    resampler = Resampler(from_rate, to_rate)
+    return np.concatenate([resampler.push(samples), resampler.flush()])
+
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    """Loudness of int16 samples in dB relative to full scale (-inf for silence)."""
+    if len(samples) == 0:
+        return float("-inf")
+    rms = float(np.sqrt(np.mean(np.square(samples.astype(np.float64)))))
+    return 20 * np.log10(rms / 32768) if rms > 0 else float("-inf")

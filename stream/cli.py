@@ -1,0 +1,102 @@
+"""The ``edgestream`` command (typer): workers, the whole system, probes, benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stream.config import ConfigError, load_config
+from stream.protocol import WorkerKind
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time multimodal conversation at the edge.")
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: configs/one-box.toml).")]
+
+
+def _config(path: Path | None):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def worker(
+    kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (0: any free port).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model path (default: the embedded model).")] = None,
+    capacity: Annotated[Optional[int], typer.Option(help="Jobs run at once.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per job.")] = None,
+) -> None:
+    """Start a worker of KIND on this box: the edge-box launch command."""
+    from pydantic import ValidationError
+
+    from workers.launch import run_worker
+    from workers.model_files import ModelNotFound
+
+    settings = _config(config).workers.for_kind(kind)
+    overrides = {k: v for k, v in dict(host=host, port=port, model=model, capacity=capacity, threads=threads).items() if v is not None}
+    try:
+        settings = settings.model_validate({**settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        typer.echo(f"error: --{first['loc'][0]}: {first['msg']}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        run_worker(kind, settings)
+    except (ModelNotFound, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the port is taken, or the address is not on this host
+        typer.echo(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def up(config: ConfigOption = None) -> None:
+    """Start the whole system on this box: one worker of each kind (embedded models)."""
+    from gateway.up import run_all_workers
+
+    cfg = _config(config)
+    sys.exit(asyncio.run(run_all_workers(cfg, config)))
+
+
+@app.command()
+def probe(
+    kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
+    input: Annotated[str, typer.Argument(help="stt: a WAV file; llm: a prompt; tts: text; vision: a PNG/JPEG file")],
+    url: Annotated[Optional[str], typer.Option(help="Worker URL (default: from the config).")] = None,
+    config: ConfigOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="tts: write the speech to this WAV file.")] = None,
+) -> None:
+    """Send one job to a worker and print what comes back, as it streams."""
+    from stream.probe import run_probe
+
+    if url is None:
+        settings = _config(config).workers.for_kind(kind)
+        url = f"ws://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+    sys.exit(asyncio.run(run_probe(kind, input, url, out)))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("workers")
+def bench_workers(
+    kinds: Annotated[Optional[list[WorkerKind]], typer.Option("--kind", help="Kinds to measure (default: all).")] = None,
+    runs: Annotated[int, typer.Option(help="Runs per measurement; medians are reported.")] = 5,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-workers.json"),
+    config: ConfigOption = None,
+) -> None:
+    """Each worker kind over a real WebSocket on loopback: STT RTF, LLM TTFT and tokens/s, TTS TTFA and RTF, OCR ms."""
+    from workers.bench import run_worker_bench
+
+    asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config)))

@@ -1,0 +1,128 @@
+"""edgestream's TOML configuration, validated at load.
+
+A bad file fails with :class:`ConfigError`, whose message names the file, the
+key and the problem (``configs/x.toml: workers.stt.capacity: Input should be
+greater than or equal to 1``), so an operator can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stream.protocol import WorkerKind
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "one-box.toml"
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Threads = Annotated[int, Field(ge=1, le=256)]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkerSettings(_Section):
+    """Settings every worker kind shares."""
+
+    host: str = "127.0.0.1"
+    port: Port = 0
+    """0 picks a free port (printed at start)."""
+    model: str = ""
+    """Path of the model file (STT: the CTranslate2 directory); empty for the embedded default."""
+    capacity: Annotated[int, Field(ge=1, le=64)] = 2
+    """Jobs run at once; one more is refused with ``busy`` unless it fits the queue."""
+    max_queue: Annotated[int, Field(ge=0, le=1024)] = 0
+    """Jobs that may wait for a free slot before ``busy`` is answered."""
+    threads: Threads = 2
+    """CPU threads the model may use per job."""
+    report_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """How often a load report is pushed to each connected client."""
+    worker_id: str = ""
+    """Name in hello and logs; empty for ``KIND@HOST:PORT``."""
+
+
+class SttSettings(WorkerSettings):
+    port: Port = 8701
+    compute_type: str = "int8"
+    max_utterance_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    partial_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.5
+
+
+class LlmSettings(WorkerSettings):
+    port: Port = 8702
+    n_ctx: Annotated[int, Field(ge=256, le=262144)] = 2048
+    system_prompt: str = (
+        "You are a helpful voice assistant. Answer in one or two short sentences."
+    )
+    chat_format: str = ""
+    """llama.cpp chat format name; empty uses the template inside the GGUF."""
+
+
+class TtsSettings(WorkerSettings):
+    port: Port = 8703
+    config_path: str = ""
+    """The voice's .onnx.json; empty for ``MODEL.json`` beside the model."""
+    max_text_chars: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
+
+
+class VisionSettings(WorkerSettings):
+    port: Port = 8704
+    capacity: Annotated[int, Field(ge=1, le=64)] = 1
+    mmproj: str = ""
+    """A llama.cpp multimodal projector (GGUF); with ``vlm_model`` it enables descriptions."""
+    vlm_model: str = ""
+    """A llama.cpp vision-language model (GGUF) used with ``mmproj``."""
+
+
+class WorkersConfig(_Section):
+    stt: SttSettings = SttSettings()
+    llm: LlmSettings = LlmSettings()
+    tts: TtsSettings = TtsSettings()
+    vision: VisionSettings = VisionSettings()
+
+    def for_kind(self, kind: WorkerKind) -> WorkerSettings:
+        return getattr(self, kind.value)
+
+
+class Config(_Section):
+    workers: WorkersConfig = WorkersConfig()
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a config file; ``None`` loads the one-box default."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():  # an install without the source tree
+            return Config()
+        path = DEFAULT_CONFIG
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(part) for part in err["loc"])
+            got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and not isinstance(err["input"], dict) else ""
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{source}: {key}: {msg}{got}")
+        raise ConfigError("\n".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Edge workers: one WebSocket server (:mod:`.server`) and one engine per kind."""

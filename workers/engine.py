@@ -1,0 +1,34 @@
+"""What every worker kind implements: load a model, run one job."""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from stream.protocol import WorkerKind
+
+from .job import Job
+from .model_files import ModelFile
+
+
+class Engine(abc.ABC):
+    """The model side of a worker; :mod:`workers.server` is the transport side.
+
+    ``run`` reads the job's inputs and emits its results. Blocking model calls
+    go to threads so that the worker's event loop keeps answering pings, load
+    requests and cancels while a model computes.
+    """
+
+    kind: ClassVar[WorkerKind]
+    rate_unit: ClassVar[str]
+    """Unit of the service rate in load reports (``audio_s``, ``tokens``, ``frames``)."""
+
+    def __init__(self, model: ModelFile) -> None:
+        self.model = model
+
+    @abc.abstractmethod
+    async def run(self, job: Job) -> None:
+        """Run ``job`` to completion; raise :class:`~workers.job.JobCancelled` if cancelled."""
+
+    def close(self) -> None:
+        """Free the model's resources."""

@@ -1,0 +1,94 @@
+"""A job as an engine sees it: validated params, an input stream, result emitters.
+
+The server (:mod:`workers.server`) owns the protocol and the socket; an engine
+(:mod:`workers.stt`, ...) only reads inputs and emits results through this
+object, so model code never touches transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream.protocol import ErrorCode, MediaFormat, MediaFrame, ProtocolError
+
+INPUT_QUEUE_ITEMS = 256
+"""Inputs buffered per job (5 s of 20 ms audio frames). When full, the socket
+reader waits: the sender is slowed by TCP backpressure, nothing is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    text: str
+
+
+JobInput = TextInput | MediaFrame
+
+
+class JobCancelled(Exception):
+    """Raised inside an engine when the client cancelled the job."""
+
+
+@dataclass
+class Job:
+    """One running job on a worker."""
+
+    job_id: int
+    params: Any
+    send_result: Callable[[dict[str, Any]], Awaitable[None]]
+    send_audio: Callable[[bytes, int], Awaitable[None]]
+    inputs: asyncio.Queue[JobInput | None] = field(default_factory=lambda: asyncio.Queue(INPUT_QUEUE_ITEMS))
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    """Set on cancel; model loops running in threads poll it between steps."""
+    work_units: float = 0.0
+    """Work done, in the engine's rate unit (audio seconds, tokens, frames)."""
+    compute_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    async def next_input(self) -> JobInput | None:
+        """The next input piece, or ``None`` once the client sent ``job.end``."""
+        item = await self.inputs.get()
+        if self.cancelled:
+            raise JobCancelled
+        return item
+
+    async def emit(self, data: dict[str, Any]) -> None:
+        if self.cancelled:
+            raise JobCancelled
+        await self.send_result(data)
+
+    async def emit_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Stream mono int16 PCM to the client, in frames of at most 0.25 s."""
+        step = sample_rate // 4
+        for start in range(0, len(pcm), step):
+            if self.cancelled:
+                raise JobCancelled
+            await self.send_audio(pcm[start : start + step].astype("<i2", copy=False).tobytes(), sample_rate)
+
+    def count(self, units: float, compute_s: float) -> None:
+        """Record work done, for the worker's measured service rate."""
+        self.work_units += units
+        self.compute_s += compute_s
+
+
+def require_pcm(frame: MediaFrame, sample_rate: int, channels: int = 1) -> np.ndarray:
+    """The frame's samples, or ``bad_format`` if it is not PCM at that rate and layout."""
+    if frame.format is not MediaFormat.PCM_S16LE or frame.sample_rate != sample_rate or frame.channels != channels:
+        raise ProtocolError(
+            ErrorCode.BAD_FORMAT,
+            f"expected {channels}-channel s16le PCM at {sample_rate} Hz, got {frame.format.name} "
+            f"{frame.channels} ch at {frame.sample_rate} Hz",
+            frame.job_id,
+        )
+    return np.frombuffer(frame.payload, dtype="<i2")

@@ -1,0 +1,97 @@
+"""Starting a worker: load its model (with progress), then serve it under uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+
+from stream.config import WorkerSettings
+from stream.protocol import WorkerKind
+
+from .engine import Engine
+from .model_files import ModelFile, resolve_model
+from .server import WorkerServer
+
+log = logging.getLogger("edgestream.worker")
+
+
+def load_engine(kind: WorkerKind, settings: WorkerSettings, model: ModelFile | None = None) -> Engine:
+    """Build the engine of ``kind`` (imports only that kind's model library)."""
+    model = model or resolve_model(kind, settings.model)
+    if kind is WorkerKind.STT:
+        from .stt import SttEngine
+
+        return SttEngine(model, settings)  # type: ignore[arg-type]
+    if kind is WorkerKind.LLM:
+        from .llm import LlmEngine
+
+        return LlmEngine(model, settings)  # type: ignore[arg-type]
+    if kind is WorkerKind.TTS:
+        from .tts import TtsEngine
+
+        return TtsEngine(model, settings)  # type: ignore[arg-type]
+    from .vision import VisionEngine
+
+    return VisionEngine(model, settings)  # type: ignore[arg-type]
+
+
+def _load_with_progress(kind: WorkerKind, settings: WorkerSettings) -> Engine:
+    model = resolve_model(kind, settings.model)
+    print(f"edgestream {kind.value} worker: loading {model.model_id} from {model.path}", flush=True)
+    done = threading.Event()
+
+    def tick() -> None:
+        started = time.monotonic()
+        while not done.wait(1.0):
+            print(f"  ... loading ({time.monotonic() - started:.0f} s)", flush=True)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    started = time.monotonic()
+    try:
+        engine = load_engine(kind, settings, model)
+    finally:
+        done.set()
+    print(f"  loaded in {time.monotonic() - started:.1f} s", flush=True)
+    return engine
+
+
+async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
+    engine = await asyncio.to_thread(_load_with_progress, kind, settings)
+    server = WorkerServer(
+        engine,
+        capacity=settings.capacity,
+        max_queue=settings.max_queue,
+        worker_id=settings.worker_id,
+        report_interval_s=settings.report_interval_s,
+    )
+    port = await server.start(settings.host, settings.port)
+    print(
+        f"edgestream {kind.value} worker {server.worker_id} listening on ws://{settings.host}:{port}\n"
+        f"  model {engine.model.model_id} sha256 {engine.model.sha256}\n"
+        f"  capacity {settings.capacity}, threads {settings.threads}",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"edgestream {kind.value} worker: stopping", flush=True)
+    await server.close()
+    engine.close()
+
+
+def run_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
+    """The body of ``edgestream worker KIND``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        import uvloop
+
+        uvloop.run(serve_worker(kind, settings))
+    except ImportError:  # uvloop has no Windows build
+        asyncio.run(serve_worker(kind, settings))

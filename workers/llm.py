@@ -1,0 +1,172 @@
+"""Language model with llama.cpp (llama-cpp-python): chat messages in, tokens out.
+
+- Tokens stream to the client one by one as they are sampled.
+- Cancel is checked before every token, so generation stops within one token.
+- Each model instance keeps its KV cache between requests, and llama.cpp
+  re-evaluates only the tokens after the longest common prefix with the last
+  prompt; the system prompt is evaluated once at load, so every request starts
+  from its cached state. ``stats.prompt_tokens_reused`` shows it.
+- A conversation that does not fit the context (prompt + answer budget) loses
+  its oldest turns, then the start of its last message; it never fails.
+- ``capacity`` instances are loaded (the weights are memory-mapped and shared),
+  so jobs really run in parallel instead of queueing on one context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from llama_cpp import Llama
+
+from stream.config import LlmSettings
+from stream.protocol import WorkerKind
+from stream.protocol.jobs import ChatMessage, LlmParams, LlmResult
+
+from .engine import Engine
+from .job import Job
+from .model_files import ModelFile
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""Used when a GGUF carries no chat template of its own."""
+
+_DONE = object()
+
+
+class ChatPrompt:
+    """Renders chat messages to tokens with the model's own chat template."""
+
+    def __init__(self, llm: Llama) -> None:
+        self._llm = llm
+        template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        self._bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
+        self._eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+
+    def tokens(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        text = self._template.render(
+            messages=[m.model_dump() for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._bos,
+            eos_token=self._eos,
+        )
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+class LlmEngine(Engine):
+    kind = WorkerKind.LLM
+    rate_unit = "tokens"
+
+    def __init__(self, model: ModelFile, settings: LlmSettings) -> None:
+        super().__init__(model)
+        self.settings = settings
+        self.system = ChatMessage(role="system", content=settings.system_prompt)
+        self._instances: list[Llama] = []
+        for _ in range(settings.capacity):
+            llm = Llama(
+                model_path=str(model.path), n_ctx=settings.n_ctx, n_threads=settings.threads, verbose=False
+            )
+            self._instances.append(llm)
+        self._prompt = ChatPrompt(self._instances[0])
+        self.n_ctx = self._instances[0].n_ctx()
+        for llm in self._instances:
+            # Evaluate the system prompt once now; every request then reuses it.
+            llm.eval(self._prompt.tokens([self.system], add_generation_prompt=False))
+        self._free: asyncio.Queue[Llama] | None = None
+
+    def fit_to_context(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[int], int, int]:
+        """Tokens of the prompt, the answer budget, and how many messages were dropped.
+
+        Oldest turns go first (the system message stays); if the last message
+        alone is still too long, its beginning is cut.
+        """
+        messages = list(messages)
+        if messages[0].role != "system":
+            messages.insert(0, self.system)
+        budget = min(max_tokens, self.n_ctx // 2)
+        dropped = 0
+        while True:
+            tokens = self._prompt.tokens(messages)
+            if len(tokens) + budget <= self.n_ctx:
+                return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped
+            if len(messages) > 2:
+                del messages[1]
+                dropped += 1
+                continue
+            last = messages[-1]
+            cut = max(1, len(last.content) // 4)
+            if len(last.content) <= 1:
+                return tokens[-(self.n_ctx - budget):], budget, dropped
+            messages[-1] = ChatMessage(role=last.role, content=last.content[cut:])
+
+    async def run(self, job: Job) -> None:
+        params: LlmParams = job.params
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for llm in self._instances:
+                self._free.put_nowait(llm)
+        llm = await self._free.get()
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by max_tokens (<= 4096)
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(pieces.put_nowait, item)
+
+        def release() -> None:
+            loop.call_soon_threadsafe(self._free.put_nowait, llm)
+
+        thread = threading.Thread(
+            target=self._generate, args=(llm, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
+        )
+        started = time.perf_counter()
+        thread.start()
+        tokens = 0
+        while (item := await pieces.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            if tokens == 0:
+                job.stats["ttft_s"] = round(time.perf_counter() - started, 4)
+            tokens += 1
+            await job.emit(LlmResult(text=item).model_dump())
+        job.stats["tokens"] = tokens
+        job.count(tokens, time.perf_counter() - started)
+
+    def _generate(
+        self, llm: Llama, params: LlmParams, job: Job, put: Callable[[Any], None], release: Callable[[], None]
+    ) -> None:
+        """Sample tokens in this thread until the end, the budget or a cancel."""
+        try:
+            prompt, budget, dropped = self.fit_to_context(params.messages, params.max_tokens)
+            cached = llm._input_ids[: llm.n_tokens].tolist()
+            reused = next((i for i, (a, b) in enumerate(zip(cached, prompt[:-1])) if a != b), min(len(cached), len(prompt) - 1))
+            job.stats.update(prompt_tokens=len(prompt), prompt_tokens_reused=reused, dropped_messages=dropped)
+            if params.seed is not None:
+                llm.set_seed(params.seed)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            produced = 0
+            for token in llm.generate(
+                prompt, temp=params.temperature, top_p=params.top_p, top_k=40, repeat_penalty=1.1, reset=True
+            ):
+                if job.cancel_event.is_set() or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                    break
+                put(decoder.decode(llm.detokenize([token], special=False)))
+                produced += 1
+                if produced >= budget:
+                    break
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                put(tail)
+            put(_DONE)
+        except BaseException as exc:  # handed to the event loop, which fails the job
+            put(exc)
+        finally:
+            release()

@@ -1,0 +1,324 @@
+"""The worker's asyncio shell: WebSocket server, job admission, load reports.
+
+Everything protocol-shaped is decided by :class:`stream.protocol.Connection`;
+this module moves frames between it, the socket and the engine, and keeps the
+worker's shared state (capacity, service rate) across connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import websockets
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from stream import __version__
+from stream.protocol import (
+    DEFAULT_LIMITS,
+    Connection,
+    Error,
+    ErrorCode,
+    Hello,
+    JobCancel,
+    JobDone,
+    JobEnd,
+    JobResult,
+    JobStart,
+    JobText,
+    Limits,
+    LoadReport,
+    LoadRequest,
+    MediaFormat,
+    MediaFrame,
+    Message,
+    ProtocolError,
+    Role,
+)
+from stream.protocol.jobs import PARAMS_BY_KIND
+
+from .engine import Engine
+from .job import Job, JobCancelled, TextInput
+from .service_rate import ServiceRate
+
+log = logging.getLogger("edgestream.worker")
+
+
+class WorkerServer:
+    """Serves one engine to any number of client connections."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        capacity: int,
+        max_queue: int = 0,
+        worker_id: str = "",
+        report_interval_s: float = 1.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.engine = engine
+        self.kind = engine.kind
+        self.capacity = capacity
+        self.max_queue = max_queue
+        self.worker_id = worker_id
+        self.report_interval_s = report_interval_s
+        self.limits = limits
+        self.rate = ServiceRate()
+        self.running = 0
+        self.queued = 0
+        self.jobs_completed = 0
+        self.sessions: set[WorkerSession] = set()
+        self._slots = asyncio.Semaphore(capacity)
+        self._server: Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 picks a free port); return the bound port."""
+        self._server = await serve(
+            self._handle,
+            host,
+            port,
+            # One limit above the protocol's own, so that an oversized text
+            # message gets a protocol error and only a truly huge frame makes
+            # websockets close the connection (code 1009).
+            max_size=max(self.limits.max_frame_bytes, self.limits.max_text_bytes),
+            max_queue=64,
+            ping_interval=5,
+            ping_timeout=15,
+        )
+        bound = self._server.sockets[0].getsockname()[1]
+        if not self.worker_id:
+            self.worker_id = f"{self.kind.value}@{host}:{bound}"
+        return bound
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    # -- shared state -----------------------------------------------------------
+
+    def hello(self) -> Hello:
+        return Hello(
+            worker_id=self.worker_id,
+            kind=self.kind,
+            model_id=self.engine.model.model_id,
+            model_sha256=self.engine.model.sha256,
+            capacity=self.capacity,
+            software=f"edgestream/{__version__}",
+            max_text_bytes=self.limits.max_text_bytes,
+            max_frame_bytes=self.limits.max_frame_bytes,
+        )
+
+    def load_report(self) -> LoadReport:
+        return LoadReport(
+            running=self.running,
+            queued=self.queued,
+            capacity=self.capacity,
+            service_rate=round(self.rate.value, 6),
+            rate_unit=self.engine.rate_unit,
+            jobs_completed=self.jobs_completed,
+        )
+
+    def admits_another(self) -> bool:
+        return self.running + self.queued < self.capacity + self.max_queue
+
+    async def _handle(self, websocket: ServerConnection) -> None:
+        session = WorkerSession(self, websocket)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def run_job(self, job: Job) -> None:
+        """Wait for a slot, run the job on the engine, account for it."""
+        self.queued += 1
+        waiting = True
+        try:
+            async with self._slots:
+                self.queued -= 1
+                waiting = False
+                self.running += 1
+                try:
+                    await self.engine.run(job)
+                finally:
+                    self.running -= 1
+            self.jobs_completed += 1
+            self.rate.observe(job.work_units, job.compute_s)
+        finally:
+            if waiting:
+                self.queued -= 1
+
+
+class WorkerSession:
+    """One client connection: the receive loop and the jobs it started."""
+
+    def __init__(self, server: WorkerServer, websocket: ServerConnection) -> None:
+        self.server = server
+        self.websocket = websocket
+        self.protocol = Connection(Role.WORKER, server.kind, server.limits)
+        self.jobs: dict[int, tuple[Job, asyncio.Task[None]]] = {}
+        self.peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"
+
+    async def run(self) -> None:
+        reporter = asyncio.create_task(self._report_load_periodically())
+        try:
+            await self._send(self.server.hello())
+            async for data in self.websocket:
+                await self._receive(data)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            reporter.cancel()
+            await self._abandon_jobs()
+
+    async def _receive(self, data: str | bytes) -> None:
+        try:
+            if isinstance(data, str):
+                message = self.protocol.receive_text(data)
+                if message is not None:
+                    await self._dispatch(message)
+            else:
+                frame = self.protocol.receive_binary(data)
+                if frame is not None:
+                    await self._feed(frame.job_id, frame)
+        except ProtocolError as exc:
+            await self._refuse(exc)
+
+    async def _dispatch(self, message: Message) -> None:
+        if isinstance(message, JobStart):
+            self._start(message)
+        elif isinstance(message, JobText):
+            await self._feed(message.job_id, TextInput(message.text))
+        elif isinstance(message, JobEnd):
+            await self._feed(message.job_id, None)
+        elif isinstance(message, JobCancel):
+            self._cancel(message.job_id)
+        elif isinstance(message, LoadRequest):
+            await self._send(self.server.load_report())
+        elif isinstance(message, Error):
+            log.warning("%s %s: client reported %s: %s", self.server.worker_id, self.peer, message.code.value, message.message)
+
+    def _start(self, message: JobStart) -> None:
+        job_id = message.job_id
+        if not self.server.admits_another():
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"worker at capacity ({self.server.running} running, {self.server.queued} queued)",
+                job_id,
+            )
+        try:
+            params = PARAMS_BY_KIND[self.server.kind].model_validate(message.params)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "params"
+            raise ProtocolError(ErrorCode.BAD_PARAMS, f"params.{where}: {first['msg']}", job_id) from None
+        job = Job(job_id, params, self._result_sender(job_id), self._audio_sender(job_id))
+        task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
+        self.jobs[job_id] = (job, task)
+        log.info("%s %s: job %d started", self.server.worker_id, self.peer, job_id)
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await self.server.run_job(job)
+        except (asyncio.CancelledError, JobCancelled):
+            if not job.cancelled:
+                raise  # the connection is going away: nobody to tell
+            await self._finish(JobDone(job_id=job.job_id, reason="cancelled", stats=job.stats))
+            log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job.job_id)
+            return
+        except ProtocolError as exc:
+            await self._refuse(exc)
+            return
+        except Exception as exc:
+            log.exception("%s %s: job %d failed", self.server.worker_id, self.peer, job.job_id)
+            await self._finish(Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"[:1024], job_id=job.job_id))
+            return
+        finally:
+            self.jobs.pop(job.job_id, None)
+        job.stats.update(compute_s=round(job.compute_s, 4), work=round(job.work_units, 4))
+        await self._finish(JobDone(job_id=job.job_id, reason="complete", stats=job.stats))
+
+    async def _feed(self, job_id: int, item: TextInput | MediaFrame | None) -> None:
+        entry = self.jobs.get(job_id)
+        if entry is not None:
+            # Waits when the job's input queue is full: backpressure, never a drop.
+            await entry[0].inputs.put(item)
+
+    def _cancel(self, job_id: int) -> None:
+        entry = self.jobs.get(job_id)
+        if entry is not None:
+            job, task = entry
+            job.cancel_event.set()
+            task.cancel()
+
+    async def _refuse(self, exc: ProtocolError) -> None:
+        """Answer a refused message; a refusal that names a running job ends it."""
+        log.warning("%s %s: refused: %s", self.server.worker_id, self.peer, exc)
+        entry = self.jobs.pop(exc.job_id, None) if exc.job_id is not None else None
+        if entry is not None and entry[1] is not asyncio.current_task():
+            entry[0].cancel_event.set()
+            entry[1].cancel()
+        await self._finish(self.protocol.error_for(exc))
+
+    async def _abandon_jobs(self) -> None:
+        """The client is gone: stop its jobs and free their slots."""
+        tasks = [task for _, task in self.jobs.values()]
+        for job, task in self.jobs.values():
+            job.cancel_event.set()
+            task.cancel()
+        self.jobs.clear()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            log.info("%s %s: connection closed, %d job(s) abandoned", self.server.worker_id, self.peer, len(tasks))
+
+    # -- sending -------------------------------------------------------------
+
+    def _result_sender(self, job_id: int):
+        seq = 0
+
+        async def send_result(data: dict[str, Any]) -> None:
+            nonlocal seq
+            await self._send(JobResult(job_id=job_id, seq=seq, data=data))
+            seq += 1
+
+        return send_result
+
+    def _audio_sender(self, job_id: int):
+        seq = 0
+
+        async def send_audio(pcm: bytes, sample_rate: int) -> None:
+            nonlocal seq
+            frame = MediaFrame(job_id, seq, MediaFormat.PCM_S16LE, pcm, channels=1, sample_rate=sample_rate)
+            await self._send_bytes(self.protocol.send_frame(frame))
+            seq += 1
+
+        return send_audio
+
+    async def _finish(self, message: JobDone | Error) -> None:
+        """Send a job's last message, unless the job already ended (refused meanwhile)."""
+        if message.job_id is not None and message.job_id in self.protocol.jobs or isinstance(message, Error):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._send(message)
+
+    async def _send(self, message: Message) -> None:
+        await self.websocket.send(self.protocol.send(message))
+
+    async def _send_bytes(self, data: bytes) -> None:
+        await self.websocket.send(data)
+
+    async def _report_load_periodically(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while True:
+                await asyncio.sleep(self.server.report_interval_s)
+                await self._send(self.server.load_report())
