@@ -50,7 +50,7 @@ class ChatMessage(_Model):
 class LlmParams(_Model):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=512)]
     max_tokens: Annotated[int, Field(ge=1, le=4096)] = 256
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     seed: int | None = None
 

@@ -1,0 +1,100 @@
+"""Shared fixtures: real models loaded once per test session, real worker servers on loopback."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import jiwer
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from stream.audio import resample
+from stream.config import Config
+from stream.protocol import WorkerKind
+from stream.protocol.jobs import STT_SAMPLE_RATE
+from stream.worker_client import WorkerClient
+from workers.engine import Engine
+from workers.launch import load_engine
+from workers.server import WorkerServer
+
+_engines: dict[WorkerKind, Engine] = {}
+
+
+def engine_for(kind: WorkerKind) -> Engine:
+    """The real model engine of ``kind`` (embedded default model), loaded once per session."""
+    if kind not in _engines:
+        settings = Config().workers.for_kind(kind).model_copy(update={"capacity": 2, "threads": 1})
+        _engines[kind] = load_engine(kind, settings)
+    return _engines[kind]
+
+
+StartWorker = Callable[..., Awaitable[tuple[WorkerServer, str]]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def start_worker() -> AsyncIterator[StartWorker]:
+    """Start a worker server on a free loopback port; all are closed after the test."""
+    servers: list[WorkerServer] = []
+
+    async def start(kind: WorkerKind, capacity: int = 2, **options: object) -> tuple[WorkerServer, str]:
+        server = WorkerServer(engine_for(kind), capacity=capacity, **options)
+        port = await server.start("127.0.0.1", 0)
+        servers.append(server)
+        return server, f"ws://127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def connect() -> AsyncIterator[Callable[[str], Awaitable[WorkerClient]]]:
+    clients: list[WorkerClient] = []
+
+    async def open_client(url: str) -> WorkerClient:
+        client = await WorkerClient.connect(url)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+def speak() -> Callable[[str], np.ndarray]:
+    """Speech for a sentence, spoken by piper (exact words known), as 16 kHz mono int16."""
+    from piper import SynthesisConfig
+
+    tts = engine_for(WorkerKind.TTS)
+    cache: dict[str, np.ndarray] = {}
+
+    def say(text: str) -> np.ndarray:
+        if text not in cache:
+            pcm = tts.synthesize(text, SynthesisConfig())
+            cache[text] = resample(pcm, tts.sample_rate, STT_SAMPLE_RATE)
+        return cache[text]
+
+    return say
+
+
+def normalize_words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    return jiwer.wer(normalize_words(reference), normalize_words(hypothesis) or "<empty>")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
