@@ -203,7 +203,7 @@ class WorkerSession:
         elif isinstance(message, JobEnd):
             await self._feed(message.job_id, None)
         elif isinstance(message, JobCancel):
-            self._cancel(message.job_id)
+            await self._cancel(message.job_id)
         elif isinstance(message, LoadRequest):
             await self._send(self.server.load_report())
         elif isinstance(message, Error):
@@ -231,13 +231,10 @@ class WorkerSession:
     async def _run_job(self, job: Job) -> None:
         try:
             await self.server.run_job(job)
-        except (asyncio.CancelledError, JobCancelled):
-            if not job.cancelled:
-                raise  # the connection is going away: nobody to tell
-            await self._finish(JobDone(job_id=job.job_id, reason="cancelled", stats=job.stats))
-            log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job.job_id)
-            return
+        except JobCancelled:
+            return  # _cancel confirms it to the client
         except ProtocolError as exc:
+            exc.job_id = job.job_id  # raised while running the job: it is this job's error
             await self._refuse(exc)
             return
         except Exception as exc:
@@ -255,12 +252,17 @@ class WorkerSession:
             # Waits when the job's input queue is full: backpressure, never a drop.
             await entry[0].inputs.put(item)
 
-    def _cancel(self, job_id: int) -> None:
+    async def _cancel(self, job_id: int) -> None:
+        """Stop the job, wait for it to unwind (at its next await), then confirm."""
         entry = self.jobs.get(job_id)
-        if entry is not None:
-            job, task = entry
-            job.cancel_event.set()
-            task.cancel()
+        if entry is None:
+            return  # finished meanwhile: its job.done is on the way
+        job, task = entry
+        job.cancel_event.set()  # model loops in threads stop at their next step
+        task.cancel()
+        await asyncio.wait([task])
+        await self._finish(JobDone(job_id=job_id, reason="cancelled", stats=job.stats))
+        log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job_id)
 
     async def _refuse(self, exc: ProtocolError) -> None:
         """Answer a refused message; a refusal that names a running job ends it."""

@@ -8,9 +8,12 @@ partial simply covers more.
 
 Decoding speed: faster-whisper's ``transcribe()`` pads every call to Whisper's
 30 s window (~0.4-0.8 s here for any utterance). For utterances that fit a
-shorter window we run the encoder on log-mel features padded only to the
-nearest of 4/8/15 s, which gives the same transcript in ~0.1 s. The padding
-policy lives in :func:`window_frames` alone.
+shorter window we run the encoder on log-mel features padded (with zeros, as
+faster-whisper pads) only to the nearest of 4/8/15 s, and decode with
+timestamps so that text hallucinated into the padding can be cut off
+(:func:`speech_tokens`). Same transcripts, ~10x faster. The padding policy
+lives in :func:`window_frames` alone; a decode that runs away falls back to
+the full 30 s path.
 """
 
 from __future__ import annotations
@@ -43,6 +46,31 @@ def window_frames(duration_s: float) -> int | None:
         if duration_s + WINDOW_MARGIN_S <= window:
             return window * FRAMES_PER_SECOND
     return None
+
+
+def speech_tokens(tokens: list[int], timestamp_begin: int, duration_s: float) -> list[int]:
+    """Text tokens of the segments that start inside the audio (not in the padding)."""
+    kept: list[int] = []
+    segment_start = 0.0
+    for token in tokens:
+        if token >= timestamp_begin:
+            segment_start = (token - timestamp_begin) * 0.02  # Whisper timestamps are 20 ms steps
+        elif segment_start < duration_s - 0.1:
+            kept.append(token)
+    return kept
+
+
+def cut_loop(tokens: list[int], min_period: int = 3) -> tuple[list[int], bool]:
+    """Cut a decode that loops (``A A A...``) to its first period.
+
+    Whisper sometimes repeats an utterance into padded silence when no
+    timestamp stops it. A sequence that is exactly periodic from its start,
+    with at least two full periods, is that loop, not speech.
+    """
+    for period in range(min_period, len(tokens) // 2 + 1):
+        if tokens[period:] == tokens[: len(tokens) - period]:
+            return tokens[:period], True
+    return tokens, False
 
 
 class SttEngine(Engine):
@@ -79,15 +107,16 @@ class SttEngine(Engine):
             return ""
         frames = window_frames(duration)
         if frames is None:
-            segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False)
-            return " ".join(segment.text.strip() for segment in segments).strip()
+            return self._transcribe_full(audio, language)
         tokenizer = self._tokenizer(language)
         features = self.whisper.feature_extractor(audio)[:, :frames]
         features = np.pad(features, ((0, 0), (0, frames - features.shape[1])))
         encoded = self.whisper.encode(features)
-        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
-        # About 3 words a second at most; the bound stops a rare repetition loop early.
-        max_new_tokens = int(12 * duration) + 16
+        # Timestamps on: without them tiny.en often repeats the utterance into
+        # the padded silence; with them, text whose segment starts after the
+        # audio ends is recognisably padding and is dropped.
+        prompt = list(tokenizer.sot_sequence)
+        max_new_tokens = int(12 * duration) + 24  # ~3 words/s at most, plus timestamps
         result = self.whisper.model.generate(
             encoded,
             [prompt],
@@ -95,9 +124,16 @@ class SttEngine(Engine):
             max_length=len(prompt) + max_new_tokens,
             suppress_blank=True,
             suppress_tokens=[-1],
-            no_repeat_ngram_size=0,
         )[0]
-        return tokenizer.decode(result.sequences_ids[0]).strip()
+        tokens = speech_tokens(result.sequences_ids[0], tokenizer.timestamp_begin, duration)
+        tokens, looped = cut_loop(tokens)
+        if not looped and len(result.sequences_ids[0]) >= max_new_tokens:
+            return self._transcribe_full(audio, language)  # ran away: the slow, robust path
+        return tokenizer.decode(tokens).strip()
+
+    def _transcribe_full(self, audio: np.ndarray, language: str) -> str:
+        segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False)
+        return " ".join(segment.text.strip() for segment in segments).strip()
 
     async def _transcribe(self, job: Job, chunks: list[np.ndarray], language: str) -> tuple[str, float]:
         audio = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
