@@ -80,8 +80,13 @@ def speak() -> Callable[[str], np.ndarray]:
     return say
 
 
+_NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
 def normalize_words(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+    """Lower case, no punctuation, small numbers as words ("at 7." == "at seven")."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    return " ".join(_NUMBERS[int(w)] if w.isdigit() and int(w) < len(_NUMBERS) else w for w in words)
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

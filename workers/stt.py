@@ -60,16 +60,20 @@ def speech_tokens(tokens: list[int], timestamp_begin: int, duration_s: float) ->
     return kept
 
 
-def cut_loop(tokens: list[int], min_period: int = 3) -> tuple[list[int], bool]:
-    """Cut a decode that loops (``A A A...``) to its first period.
+def cut_loop(tokens: list[int], min_period: int = 2) -> tuple[list[int], bool]:
+    """Cut a decode that loops to the first turn of the loop.
 
-    Whisper sometimes repeats an utterance into padded silence when no
-    timestamp stops it. A sequence that is exactly periodic from its start,
-    with at least two full periods, is that loop, not speech.
+    Whisper sometimes repeats an utterance (``A A A``) or a fragment
+    (``... bank. B... B... B...``) into padded silence when no timestamp stops
+    it. A tail that repeats exactly, at least twice if it is the whole decode
+    and three times otherwise, is that loop, not speech.
     """
-    for period in range(min_period, len(tokens) // 2 + 1):
-        if tokens[period:] == tokens[: len(tokens) - period]:
-            return tokens[:period], True
+    n = len(tokens)
+    for start in range(n):
+        for period in range(min_period, (n - start) // 2 + 1):
+            turns = (n - start) / period
+            if turns >= (2 if start == 0 else 3) and tokens[start + period :] == tokens[start : n - period]:
+                return tokens[: start + period], True
     return tokens, False
 
 
