@@ -19,15 +19,28 @@ from workers.engine import Engine
 from workers.launch import load_engine
 from workers.server import WorkerServer
 
-_engines: dict[WorkerKind, Engine] = {}
+_engines: dict[tuple[WorkerKind, tuple], Engine] = {}
 
 
-def engine_for(kind: WorkerKind) -> Engine:
-    """The real model engine of ``kind`` (embedded default model), loaded once per session."""
-    if kind not in _engines:
-        settings = Config().workers.for_kind(kind).model_copy(update={"capacity": 2, "threads": 1})
-        _engines[kind] = load_engine(kind, settings)
-    return _engines[kind]
+def engine_for(kind: WorkerKind, **settings: object) -> Engine:
+    """The real model engine of ``kind`` (embedded default model), loaded once per session.
+
+    ``settings`` override the defaults (capacity 2, one thread); each distinct
+    set of overrides is its own engine.
+    """
+    key = (kind, tuple(sorted(settings.items())))
+    if key not in _engines:
+        overrides = {"capacity": 2, "threads": 1, **settings}
+        _engines[key] = load_engine(kind, Config().workers.for_kind(kind).model_copy(update=overrides))
+    return _engines[key]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_engines():
+    yield
+    for engine in _engines.values():
+        engine.close()
+    _engines.clear()
 
 
 StartWorker = Callable[..., Awaitable[tuple[WorkerServer, str]]]
@@ -38,8 +51,10 @@ async def start_worker() -> AsyncIterator[StartWorker]:
     """Start a worker server on a free loopback port; all are closed after the test."""
     servers: list[WorkerServer] = []
 
-    async def start(kind: WorkerKind, capacity: int = 2, **options: object) -> tuple[WorkerServer, str]:
-        server = WorkerServer(engine_for(kind), capacity=capacity, **options)
+    async def start(
+        kind: WorkerKind, capacity: int = 2, engine: Engine | None = None, **options: object
+    ) -> tuple[WorkerServer, str]:
+        server = WorkerServer(engine or engine_for(kind), capacity=capacity, **options)
         port = await server.start("127.0.0.1", 0)
         servers.append(server)
         return server, f"ws://127.0.0.1:{port}"

@@ -83,30 +83,49 @@ class LlmEngine(Engine):
             llm.eval(self._prompt.tokens([self.system], add_generation_prompt=False))
         self._free: asyncio.Queue[Llama] | None = None
 
+    @property
+    def idle_instances(self) -> int:
+        """Model instances not generating right now (a cancelled job's thread returns its own)."""
+        return len(self._instances) if self._free is None else self._free.qsize()
+
     def fit_to_context(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[int], int, int]:
         """Tokens of the prompt, the answer budget, and how many messages were dropped.
 
         Oldest turns go first (the system message stays); if the last message
-        alone is still too long, its beginning is cut.
+        alone is still too long, its beginning is cut. Dropping is monotone, so
+        the number to drop is found by bisection: a few renders, not one per turn.
         """
-        messages = list(messages)
-        if messages[0].role != "system":
-            messages.insert(0, self.system)
+        system, rest = (messages[0], list(messages[1:])) if messages[0].role == "system" else (self.system, list(messages))
         budget = min(max_tokens, self.n_ctx // 2)
-        dropped = 0
-        while True:
-            tokens = self._prompt.tokens(messages)
-            if len(tokens) + budget <= self.n_ctx:
-                return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped
-            if len(messages) > 2:
-                del messages[1]
-                dropped += 1
-                continue
-            last = messages[-1]
-            cut = max(1, len(last.content) // 4)
-            if len(last.content) <= 1:
-                return tokens[-(self.n_ctx - budget):], budget, dropped
-            messages[-1] = ChatMessage(role=last.role, content=last.content[cut:])
+        limit = self.n_ctx - budget
+
+        def render(dropped: int) -> list[int]:
+            return self._prompt.tokens([system, *rest[dropped:]])
+
+        tokens = render(0)
+        if len(tokens) <= limit:
+            return tokens, min(max_tokens, self.n_ctx - len(tokens)), 0
+        low, high = 1, len(rest) - 1  # the last message always stays
+        while low < high:
+            middle = (low + high) // 2
+            if len(render(middle)) <= limit:
+                high = middle
+            else:
+                low = middle + 1
+        dropped = max(low, 0) if rest else 0
+        tokens = render(dropped)
+        if len(tokens) > limit:
+            # One message alone is too long: keep its end, which holds the question.
+            last = rest[-1]
+            overhead = len(self._prompt.tokens([system, ChatMessage(role=last.role, content="")]))
+            content = self._llm_tokenize(last.content)
+            keep = max(limit - overhead - 8, 1)
+            text = self._instances[0].detokenize(content[-keep:]).decode("utf-8", errors="ignore")
+            tokens = self._prompt.tokens([system, ChatMessage(role=last.role, content=text)])[-limit:]
+        return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped
+
+    def _llm_tokenize(self, text: str) -> list[int]:
+        return self._instances[0].tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     async def run(self, job: Job) -> None:
         params: LlmParams = job.params
@@ -160,6 +179,7 @@ class LlmEngine(Engine):
                     break
                 put(decoder.decode(llm.detokenize([token], special=False)))
                 produced += 1
+                job.stats["generated"] = produced
                 if produced >= budget:
                     break
             tail = decoder.decode(b"", final=True)
@@ -170,3 +190,7 @@ class LlmEngine(Engine):
             put(exc)
         finally:
             release()
+
+    def close(self) -> None:
+        for llm in self._instances:
+            llm.close()

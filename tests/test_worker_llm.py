@@ -1,0 +1,118 @@
+"""The LLM worker on the real model (SmolLM2-135M via llama.cpp)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream.protocol import JobResult, WorkerKind
+from stream.protocol.jobs import LlmParams
+from stream.worker_client import JobFailed
+from tests.conftest import engine_for, wait_until
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+RAMBLE = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread, with many details."}]
+
+
+async def test_streams_tokens(start_worker, connect):
+    _, url = await start_worker(WorkerKind.LLM)
+    llm = await connect(url)
+    job = await llm.start_job(LlmParams(messages=QUESTION, max_tokens=32, seed=1))
+    await job.end()
+    pieces = [e.data["text"] async for e in job.events() if isinstance(e, JobResult)]
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+    assert job.done.reason == "complete"
+    assert job.done.stats["tokens"] == len(pieces) <= 32
+    assert 0 < job.done.stats["ttft_s"] < 10
+
+
+async def test_system_prompt_state_is_reused(start_worker, connect):
+    _, url = await start_worker(WorkerKind.LLM)
+    llm = await connect(url)
+    engine = engine_for(WorkerKind.LLM)
+    system_tokens = len(engine._prompt.tokens([engine.system], add_generation_prompt=False))
+    for question in ("Name a fruit.", "Name a color."):
+        job = await llm.start_job(LlmParams(messages=[{"role": "user", "content": question}], max_tokens=8))
+        await job.end()
+        [e async for e in job.events()]
+        assert job.done.stats["prompt_tokens_reused"] >= system_tokens > 5
+
+
+async def test_cancel_stops_generation_within_a_token(start_worker, connect):
+    _, url = await start_worker(WorkerKind.LLM)
+    llm = await connect(url)
+    engine = engine_for(WorkerKind.LLM)
+    job = await llm.start_job(LlmParams(messages=RAMBLE, max_tokens=1000, temperature=0.0))
+    await job.end()
+    received = 0
+    async for event in job.events():
+        received += isinstance(event, JobResult)
+        if received == 5:
+            await job.cancel()
+    assert job.done.reason == "cancelled"
+    # The generating thread notices the cancel before its next token and hands its model back.
+    await wait_until(lambda: engine.idle_instances == len(engine._instances), timeout=10)
+    assert job.done.stats.get("generated", 0) <= received + 2
+    assert received < 50
+
+
+SMALL_CONTEXT = {"n_ctx": 512, "capacity": 1}  # overflow it cheaply: prompt eval is ~300 tokens/s here
+
+
+async def test_conversation_longer_than_context_drops_oldest_turns(start_worker, connect):
+    engine = engine_for(WorkerKind.LLM, **SMALL_CONTEXT)
+    _, url = await start_worker(WorkerKind.LLM, capacity=1, engine=engine)
+    llm = await connect(url)
+    filler = "This is a long remark about the weather and nothing else. " * 4
+    history = []
+    for turn in range(20):
+        history.append({"role": "user", "content": f"Turn {turn}. {filler}"})
+        history.append({"role": "assistant", "content": f"Noted, turn {turn}."})
+    history.append({"role": "user", "content": "Say hello."})
+    job = await llm.start_job(LlmParams(messages=history, max_tokens=16))
+    await job.end()
+    pieces = [e.data["text"] async for e in job.events() if isinstance(e, JobResult)]
+    assert pieces and job.done.reason == "complete"
+    assert job.done.stats["dropped_messages"] > 0
+    assert job.done.stats["prompt_tokens"] + 16 <= engine.n_ctx
+
+
+async def test_one_huge_message_is_cut_not_fatal(start_worker, connect):
+    engine = engine_for(WorkerKind.LLM, **SMALL_CONTEXT)
+    _, url = await start_worker(WorkerKind.LLM, capacity=1, engine=engine)
+    llm = await connect(url)
+    job = await llm.start_job(LlmParams(messages=[{"role": "user", "content": "word " * 6000 + "Say hi."}], max_tokens=8))
+    await job.end()
+    [e async for e in job.events()]
+    assert job.done.reason == "complete" and job.done.stats["prompt_tokens"] < engine.n_ctx
+
+
+async def test_bad_params_are_refused_with_the_field_named(start_worker, connect):
+    _, url = await start_worker(WorkerKind.LLM)
+    llm = await connect(url)
+    job = await llm.start_job({"messages": [], "max_tokens": 5})
+    with pytest.raises(JobFailed) as info:
+        [e async for e in job.events()]
+    assert info.value.code.value == "bad_params" and "params.messages" in info.value.message
+    # The connection is still good.
+    answer = "".join([piece async for piece in llm.chat(QUESTION, max_tokens=8)])
+    assert answer.strip()
+
+
+async def test_jobs_run_in_parallel_up_to_capacity(start_worker, connect):
+    server, url = await start_worker(WorkerKind.LLM, capacity=2)
+    llm = await connect(url)
+    jobs = [await llm.start_job(LlmParams(messages=RAMBLE, max_tokens=40, temperature=0.0)) for _ in range(2)]
+    for job in jobs:
+        await job.end()
+    seen_running = 0
+
+    async def drain(job):
+        nonlocal seen_running
+        async for _ in job.events():
+            seen_running = max(seen_running, server.running)
+
+    await asyncio.wait_for(asyncio.gather(*(drain(j) for j in jobs)), 60)
+    assert seen_running == 2
+    assert all(j.done.reason == "complete" for j in jobs)
