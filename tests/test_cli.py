@@ -1,0 +1,101 @@
+"""The launch command, as an operator runs it: `edgestream worker KIND`, then `edgestream probe`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream.audio import write_wav
+from stream.protocol import WorkerKind
+from tests.test_worker_vision import encoded, sign
+
+EDGESTREAM = [sys.executable, "-m", "stream"]
+
+
+async def run(*args: str, timeout: float = 120) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(*EDGESTREAM, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, output.decode()
+
+
+class RunningWorker:
+    def __init__(self, process: asyncio.subprocess.Process, url: str, banner: str) -> None:
+        self.process, self.url, self.banner = process, url, banner
+
+
+async def start_worker_process(kind: WorkerKind, *extra: str) -> RunningWorker:
+    process = await asyncio.create_subprocess_exec(
+        *EDGESTREAM, "worker", kind.value, "--host", "127.0.0.1", "--port", "0", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    banner = ""
+    async with asyncio.timeout(120):
+        while True:
+            line = (await process.stdout.readline()).decode()
+            if not line:
+                raise AssertionError(f"worker exited before listening:\n{banner}")
+            banner += line
+            if match := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", line):
+                break
+        banner += (await process.stdout.readline()).decode()  # the model line
+    return RunningWorker(process, match.group(1), banner)
+
+
+async def stop(worker: RunningWorker) -> int:
+    worker.process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(worker.process.wait(), 30)
+
+
+@pytest.mark.parametrize("kind", list(WorkerKind), ids=lambda k: k.value)
+async def test_launch_command_serves_and_probe_gets_an_answer(kind: WorkerKind, tmp_path: Path, speak):
+    worker = await start_worker_process(kind)
+    try:
+        assert re.search(r"model \S+ sha256 [0-9a-f]{64}", worker.banner), worker.banner
+        if kind is WorkerKind.STT:
+            write_wav(tmp_path / "q.wav", speak("Please turn on the kitchen lights."), 16000)
+            code, output = await run("probe", "stt", str(tmp_path / "q.wav"), "--url", worker.url)
+            assert "partial" in output and re.search(r"final\s+Please turn on the kitchen lights", output), output
+        elif kind is WorkerKind.LLM:
+            code, output = await run("probe", "llm", "Say hello.", "--url", worker.url)
+            assert len(output.strip().splitlines()) >= 2, output
+        elif kind is WorkerKind.TTS:
+            code, output = await run("probe", "tts", "Good morning, everyone.", "--url", worker.url, "--out", str(tmp_path / "a.wav"))
+            assert "Good morning, everyone." in output and (tmp_path / "a.wav").stat().st_size > 20_000
+        else:
+            (tmp_path / "sign.png").write_bytes(encoded(sign("EXIT GATE 7"), "PNG"))
+            code, output = await run("probe", "vision", str(tmp_path / "sign.png"), "--url", worker.url)
+            assert "EXIT GATE 7" in output.upper(), output
+        assert code == 0, output
+    finally:
+        assert await stop(worker) == 0
+
+
+async def test_bad_config_fails_naming_the_key(tmp_path: Path):
+    (tmp_path / "bad.toml").write_text("[workers.stt]\ncapacity = -1\n")
+    code, output = await run("worker", "stt", "--config", str(tmp_path / "bad.toml"), timeout=30)
+    assert code == 2 and "workers.stt.capacity" in output and "greater than or equal to 1" in output
+
+
+async def test_missing_model_file_is_a_clear_error(tmp_path: Path):
+    code, output = await run("worker", "llm", "--model", str(tmp_path / "nope.gguf"), "--port", "0", timeout=30)
+    assert code == 1 and "model not found" in output and "nope.gguf" in output
+
+
+async def test_port_in_use_is_a_clear_error():
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        code, output = await run("worker", "tts", "--host", "127.0.0.1", "--port", str(port), timeout=60)
+    finally:
+        blocker.close()
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in output
+
+
+async def test_probe_reports_an_unreachable_worker():
+    code, output = await run("probe", "llm", "hi", "--url", "ws://127.0.0.1:9", timeout=30)
+    assert code == 1 and "cannot reach the llm worker" in output
