@@ -99,3 +99,29 @@ async def test_port_in_use_is_a_clear_error():
 async def test_probe_reports_an_unreachable_worker():
     code, output = await run("probe", "llm", "hi", "--url", "ws://127.0.0.1:9", timeout=30)
     assert code == 1 and "cannot reach the llm worker" in output
+
+
+async def test_up_starts_one_worker_of_each_kind_and_stops_them(tmp_path: Path):
+    config = tmp_path / "box.toml"
+    config.write_text("".join(f"[workers.{kind.value}]\nport = 0\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind))
+    process = await asyncio.create_subprocess_exec(
+        *EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    urls: dict[str, str] = {}
+    output = ""
+    try:
+        async with asyncio.timeout(180):
+            while len(urls) < len(WorkerKind):
+                line = (await process.stdout.readline()).decode()
+                assert line, f"edgestream up ended early:\n{output}"
+                output += line
+                if match := re.search(r"^\[\s*(\w+)\] edgestream \w+ worker .* listening on (ws://\S+)", line):
+                    urls[match.group(1)] = match.group(2)
+        assert set(urls) == {k.value for k in WorkerKind}
+        code, answer = await run("probe", "tts", "Ready.", "--url", urls["tts"])
+        assert code == 0 and "Ready." in answer
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, output + rest.decode()
+    assert rest.decode().count("stopping") == len(WorkerKind)
