@@ -93,8 +93,42 @@ class WorkersConfig(_Section):
         return getattr(self, kind.value)
 
 
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    workers: dict[WorkerKind, list[str]] = {}
+    """Worker URLs by kind; a kind left out uses ``[workers.KIND]`` of this file (one box)."""
+    loopback_ice: bool = False
+    """Offer 127.0.0.1 as an ICE candidate: for tests on machines with only loopback."""
+    ice_timeout_s: Annotated[float, Field(gt=0, le=120)] = 15.0
+    max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
+    end_silence_ms: Annotated[float, Field(ge=64, le=5000)] = 320
+    """Silence after speech that ends a turn."""
+    max_answer_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
+    max_history_turns: Annotated[int, Field(ge=0, le=1000)] = 8
+    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
+    vision_on_turn: bool = True
+    """OCR the latest camera frame when the person starts speaking (ready by the end of the turn)."""
+    vision_interval_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    """Also OCR the latest frame every this many seconds (0: only at turns)."""
+
+
 class Config(_Section):
+    gateway: GatewaySettings = GatewaySettings()
     workers: WorkersConfig = WorkersConfig()
+
+    def worker_urls(self) -> dict[WorkerKind, list[str]]:
+        """Where the gateway finds each kind: ``[gateway.workers]``, else this box's workers."""
+        urls = {}
+        for kind in WorkerKind:
+            configured = self.gateway.workers.get(kind)
+            if configured:
+                urls[kind] = list(configured)
+            else:
+                settings = self.workers.for_kind(kind)
+                host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+                urls[kind] = [f"ws://{host}:{settings.port}"]
+        return urls
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -1,0 +1,110 @@
+"""The answer's audio track: 20 ms frames at 48 kHz, paced by the clock.
+
+Answer audio is written in whatever pieces TTS produces; ``recv`` (called by
+aiortc's sender) takes exactly one 20 ms frame at a time, silence when there is
+nothing to play. ``stop`` drops everything queued, so playback stops within one
+frame on barge-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+from collections.abc import Callable
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamTrack
+
+SAMPLE_RATE = 48_000
+FRAME_SAMPLES = 960  # 20 ms
+MAX_BUFFERED_S = 120.0
+"""Answer audio held ahead of playback; TTS writing past it waits (backpressure)."""
+
+
+class AnswerTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, on_first_audio: Callable[[int, float], None] | None = None) -> None:
+        super().__init__()
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()
+        self._buffered = 0
+        self._space = asyncio.Event()
+        self._space.set()
+        self._start: float | None = None
+        self._timestamp = 0
+        self._started_turns: set[int] = set()
+        self._on_first_audio = on_first_audio
+        self.frames_sent = 0
+        self.audio_frames_sent = 0
+
+    @property
+    def playing(self) -> bool:
+        return self._buffered > 0
+
+    @property
+    def buffered_s(self) -> float:
+        return self._buffered / SAMPLE_RATE
+
+    async def write(self, turn: int, samples: np.ndarray) -> None:
+        """Queue 48 kHz mono int16 samples of ``turn``'s answer."""
+        while self._buffered >= MAX_BUFFERED_S * SAMPLE_RATE:
+            self._space.clear()
+            await self._space.wait()
+        if len(samples):
+            self._chunks.append((turn, samples))
+            self._buffered += len(samples)
+
+    def stop(self) -> None:
+        """Drop all queued audio: the next frame is silence."""
+        self._chunks.clear()
+        self._buffered = 0
+        self._space.set()
+
+    def _take(self) -> tuple[np.ndarray, int | None]:
+        out = np.zeros(FRAME_SAMPLES, np.int16)
+        filled = 0
+        first_turn: int | None = None
+        while filled < FRAME_SAMPLES and self._chunks:
+            turn, chunk = self._chunks[0]
+            first_turn = turn if first_turn is None else first_turn
+            take = min(FRAME_SAMPLES - filled, len(chunk))
+            out[filled : filled + take] = chunk[:take]
+            filled += take
+            if take == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = (turn, chunk[take:])
+        self._buffered -= filled
+        if self._buffered < MAX_BUFFERED_S * SAMPLE_RATE:
+            self._space.set()
+        return out, first_turn
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            from aiortc.mediastreams import MediaStreamError
+
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.time()
+        else:
+            self._timestamp += FRAME_SAMPLES
+            wait = self._start + self._timestamp / SAMPLE_RATE - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        samples, turn = self._take()
+        if turn is not None:
+            self.audio_frames_sent += 1
+            if turn not in self._started_turns:
+                self._started_turns.add(turn)
+                if self._on_first_audio is not None:
+                    self._on_first_audio(turn, time.monotonic())
+        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+        frame.planes[0].update(samples.tobytes())
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = self._timestamp
+        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        self.frames_sent += 1
+        return frame

@@ -1,0 +1,152 @@
+"""One WebRTC session: a peer connection, its tracks and data channel, and its dialog.
+
+Audio in: Opus decoded by aiortc -> PyAV's resampler to 16 kHz mono -> turn
+detector -> dialog. Video in: only the latest frame is kept (a stale frame is
+worth nothing). Audio out: the answer track. Events out: the data channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+import av
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from stream.config import GatewaySettings
+
+from .dialog import Dialog
+from .events import Event, SessionReady
+from .playout import AnswerTrack
+from .turns import TurnDetector, TurnSettings
+from .worker_links import WorkerLinks
+
+log = logging.getLogger("edgestream.gateway")
+
+MAX_PENDING_EVENTS = 256
+
+
+class BadOffer(ValueError):
+    """An offer that is not an SDP offer aiortc can answer."""
+
+
+class Session:
+    def __init__(self, links: WorkerLinks, settings: GatewaySettings) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.settings = settings
+        self.pc = RTCPeerConnection()
+        self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
+        self.dialog = Dialog(links, settings, self.send, self.answer_track, lambda: self.latest_frame)
+        self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms))
+        self.latest_frame: av.VideoFrame | None = None
+        self.video_frames = 0
+        self.audio_frames = 0
+        self.channel: RTCDataChannel | None = None
+        self._pending: list[str] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.closed = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    async def accept(self, offer_sdp: str) -> str:
+        """Answer the client's offer (ICE gathering complete); raise :class:`BadOffer`."""
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise BadOffer(f"cannot use this offer: {exc}") from None
+        if not any(t.kind == "audio" for t in self.pc.getTransceivers()):
+            raise BadOffer("the offer has no audio")
+        self.pc.addTrack(self.answer_track)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        return self.pc.localDescription.sdp
+
+    # -- callbacks -------------------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._spawn(self._ingest_audio(track))
+        elif track.kind == "video":
+            self._spawn(self._keep_latest_frame(track))
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        self.channel = channel
+        channel.on("message", self._on_client_message)
+        pending, self._pending = self._pending, []
+        for text in pending:
+            channel.send(text)
+        self.send(SessionReady(session_id=self.id))
+
+    def _on_client_message(self, message: object) -> None:
+        # The client has nothing to say on the channel yet; say so instead of ignoring it.
+        from .events import ErrorEvent
+
+        log.info("session %s: unexpected data channel message", self.id)
+        self.send(ErrorEvent(code="unexpected_message", message="the events channel is gateway-to-client only"))
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session %s: %s", self.id, state)
+        if state == "connected":
+            self.connected.set()
+        elif state in ("failed", "closed"):
+            self.closed.set()
+
+    def _first_audio(self, turn: int, at: float) -> None:
+        self.dialog.audio_started(turn, at)
+
+    # -- media -------------------------------------------------------------------
+
+    async def _ingest_audio(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
+        try:
+            while True:
+                frame = await track.recv()
+                self.audio_frames += 1
+                for out in resampler.resample(frame):
+                    for event in self.turns.push(out.to_ndarray().reshape(-1)):
+                        await self.dialog.handle(event)
+        except MediaStreamError:
+            pass
+
+    async def _keep_latest_frame(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                self.latest_frame = await track.recv()  # latest wins: nothing queues
+                self.video_frames += 1
+        except MediaStreamError:
+            pass
+
+    # -- events ---------------------------------------------------------------------
+
+    def send(self, event: Event) -> None:
+        text = event.model_dump_json()
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(text)
+        elif len(self._pending) < MAX_PENDING_EVENTS:
+            self._pending.append(text)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def task_count(self) -> int:
+        return len(self._tasks) + len(self.dialog._tasks)
+
+    async def close(self) -> None:
+        await self.dialog.close()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        self.answer_track.stop()
+        self.closed.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
