@@ -91,6 +91,7 @@ class Dialog:
         self._answer_turn: Turn | None = None
         self._tasks: set[asyncio.Task] = set()
         self._first_audio: dict[int, asyncio.Future[float]] = {}
+        self.last_prompt: list[ChatMessage] = []
         self.open_jobs: set[JobHandle] = set()
         """Jobs this dialog has open on workers (the tests count them)."""
 
@@ -202,7 +203,8 @@ class Dialog:
         try:
             llm = self.links.pick(WorkerKind.LLM)
             turn.workers["llm"] = llm.hello.worker_id
-            job = await llm.start_job(LlmParams(messages=self._messages(text, seen), max_tokens=self.settings.max_answer_tokens))
+            self.last_prompt = self._messages(text, seen)
+            job = await llm.start_job(LlmParams(messages=self.last_prompt, max_tokens=self.settings.max_answer_tokens))
             self.open_jobs.add(job)
             await job.end()
             chunker = ClauseChunker()

@@ -70,3 +70,180 @@ async def test_a_spoken_question_gets_a_spoken_answer(gateway, speak):
         assert len(answer_audio) / 48000 >= 0.5 and rms_dbfs(answer_audio) > -40
     finally:
         await session.close()
+
+
+async def test_barge_in_stops_playout_and_cancels_the_answer(gateway, workers, speak):
+    servers, _ = workers
+    cancelled_before = servers[WorkerKind.LLM].jobs_cancelled + servers[WorkerKind.TTS].jobs_cancelled
+    session = await GatewaySession.connect(gateway.url, loopback_ice=True)
+    try:
+        # A question whose answer is long enough to interrupt.
+        await session.say(with_silence(speak("Tell me a long story about a dragon and a knight."), after_s=0.6), 16000)
+        await session.wait_event("answer.token", timeout=30, turn=1)
+        heard = None
+        async with asyncio.timeout(20):
+            while heard is None:
+                heard = session.first_audible(after=0)
+                await asyncio.sleep(0.05)
+        # The person talks over the answer.
+        await session.say(with_silence(speak("Stop. What is two plus two?"), before_s=0.0, after_s=0.6), 16000)
+        barge = await session.wait_event("barge_in", timeout=20)
+        assert barge["turn"] == 1
+        interrupted = await session.wait_event("answer.done", turn=1, timeout=20)
+        assert interrupted["interrupted"] is True
+        # Earlier jobs were cancelled on the workers, and the new turn is answered.
+        async with asyncio.timeout(10):
+            while servers[WorkerKind.LLM].jobs_cancelled + servers[WorkerKind.TTS].jobs_cancelled <= cancelled_before:
+                await asyncio.sleep(0.05)
+        final = await session.wait_event("transcript.final", turn=2, timeout=20)
+        assert "two" in final["text"].lower() or "2" in final["text"]
+        second = await session.wait_event("answer.done", turn=2, timeout=30)
+        assert second["text"].strip() and not second["interrupted"]
+    finally:
+        await session.close()
+
+
+async def test_camera_text_reaches_the_answer_context(gateway, workers, speak):
+    from tests.test_worker_vision import sign
+
+    servers, _ = workers
+    image = np.asarray(sign("EXIT GATE 7"))
+    session = await GatewaySession.connect(gateway.url, camera=image, loopback_ice=True)
+    try:
+        async with asyncio.timeout(10):
+            while not any(s.video_frames for s in gateway.sessions.values()):
+                await asyncio.sleep(0.05)
+        await session.say(with_silence(speak("What does the sign say?")), 16000)
+        vision = await session.wait_event("vision", timeout=30, turn=1)
+        assert "EXITGATE7" in vision["text"].replace(" ", "").upper()
+        await session.wait_event("answer.done", timeout=30, turn=1)
+        gateway_session = next(iter(gateway.sessions.values()))
+        assert any("EXIT GATE 7" in m.content.upper() for m in gateway_session.dialog.last_prompt)
+    finally:
+        await session.close()
+
+
+# -- bad input: each gets a clear error; the gateway and other sessions keep going --------
+
+import json  # noqa: E402
+
+import websockets  # noqa: E402
+from aiortc import RTCPeerConnection  # noqa: E402
+
+from stream.sdk import GatewayError  # noqa: E402
+
+
+async def signaling_reply(url: str, message: str) -> dict:
+    async with websockets.connect(url) as websocket:
+        await websocket.send(message)
+        reply = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(websocket.recv(), 10)
+    return reply
+
+
+async def assert_gateway_still_answers(gateway, speak) -> None:
+    session = await GatewaySession.connect(gateway.url, loopback_ice=True)
+    try:
+        await session.say(with_silence(speak("My favorite color is green.")), 16000)
+        final = await session.wait_event("transcript.final", timeout=20)
+        assert "green" in final["text"].lower()
+    finally:
+        await session.close()
+
+
+async def wait_cleaned_up(gateway, workers) -> None:
+    servers, _ = workers
+    async with asyncio.timeout(15):
+        while gateway.sessions or any(s.running for s in servers.values()):
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("not json", "malformed"),
+        ('{"type": "answer", "sdp": "v=0"}', "malformed"),
+        ('{"type": "offer", "sdp": "this is not SDP"}', "bad_offer"),
+        ('{"type": "offer", "sdp": "v=0\\r\\no=- 1 1 IN IP4 0.0.0.0\\r\\ns=-\\r\\nt=0 0\\r\\n"}', "bad_offer"),
+    ],
+    ids=["not-json", "not-an-offer", "garbage-sdp", "offer-without-media"],
+)
+async def test_malformed_offer_is_refused_clearly(gateway, workers, speak, message, code):
+    reply = await signaling_reply(gateway.url, message)
+    assert reply["type"] == "error" and reply["code"] == code and reply["message"]
+    await wait_cleaned_up(gateway, workers)
+    await assert_gateway_still_answers(gateway, speak)
+
+
+async def test_client_that_never_completes_ice_is_timed_out(gateway, workers, speak):
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()  # gone before ICE can answer a single check
+    async with websockets.connect(gateway.url) as websocket:
+        await websocket.send(json.dumps({"type": "offer", "sdp": sdp}))
+        assert json.loads(await websocket.recv())["type"] == "answer"
+        assert len(gateway.sessions) == 1
+        error = json.loads(await asyncio.wait_for(websocket.recv(), gateway.settings.ice_timeout_s + 10))
+    assert error["code"] == "ice_timeout"
+    await wait_cleaned_up(gateway, workers)
+    await assert_gateway_still_answers(gateway, speak)
+
+
+async def test_client_leaving_mid_turn_is_cleaned_up(gateway, workers, speak):
+    servers, _ = workers
+    other = await GatewaySession.connect(gateway.url, loopback_ice=True)  # must not notice anything
+    session = await GatewaySession.connect(gateway.url, loopback_ice=True)
+    gateway_session = gateway.sessions[session.session_id]
+    await session.say(speak("The train to Boston leaves at seven and arrives at noon."), 16000)
+    await session.wait_event("transcript.partial", timeout=20)
+    assert gateway_session.dialog.open_jobs  # an STT job is open for the turn
+    await session.close()  # mid-utterance: no end of speech, no goodbye
+    async with asyncio.timeout(15):
+        while session.session_id in gateway.sessions or servers[WorkerKind.STT].running:
+            await asyncio.sleep(0.05)
+    assert gateway_session.task_count == 0 and not gateway_session.dialog.open_jobs
+    await other.say(with_silence(speak("Please turn on the kitchen lights.")), 16000)
+    final = await other.wait_event("transcript.final", timeout=20)
+    assert "kitchen" in final["text"].lower()
+    await other.close()
+    await wait_cleaned_up(gateway, workers)
+
+
+async def test_missing_worker_kind_is_reported_and_the_session_survives(workers, speak):
+    _, urls = workers
+    unreachable = {**urls, WorkerKind.LLM: ["ws://127.0.0.1:9"]}
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), unreachable)
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        await gateway.links.wait_ready([WorkerKind.STT, WorkerKind.TTS], timeout=10)
+        session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
+        await session.say(with_silence(speak("What is the weather like in Paris today?")), 16000)
+        final = await session.wait_event("transcript.final", timeout=20)
+        assert word_error_rate("What is the weather like in Paris today?", final["text"]) <= 0.35
+        error = await session.wait_event("error", timeout=20)
+        assert error["code"] == "no_worker" and "llm" in error["message"] and error["turn"] == 1
+        # Still alive: the next turn is heard too.
+        await session.say(with_silence(speak("My favorite color is green.")), 16000)
+        second = await session.wait_event("transcript.final", timeout=20, turn=2)
+        assert "green" in second["text"].lower()
+        await session.close()
+    finally:
+        await gateway.close()
+
+
+async def test_session_limit_is_a_clear_error(workers):
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, max_sessions=1), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/session"
+    try:
+        first = await GatewaySession.connect(url, loopback_ice=True)
+        with pytest.raises(GatewayError) as info:
+            await GatewaySession.connect(url, loopback_ice=True)
+        assert info.value.code == "too_many_sessions"
+        await first.close()
+    finally:
+        await gateway.close()

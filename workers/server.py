@@ -71,6 +71,7 @@ class WorkerServer:
         self.running = 0
         self.queued = 0
         self.jobs_completed = 0
+        self.jobs_cancelled = 0
         self.sessions: set[WorkerSession] = set()
         self._slots = asyncio.Semaphore(capacity)
         self._server: Server | None = None
@@ -261,6 +262,7 @@ class WorkerSession:
         job.cancel_event.set()  # model loops in threads stop at their next step
         task.cancel()
         await asyncio.wait([task])
+        self.server.jobs_cancelled += 1
         await self._finish(JobDone(job_id=job_id, reason="cancelled", stats=job.stats))
         log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job_id)
 
