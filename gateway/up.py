@@ -1,8 +1,9 @@
 """``edgestream up``: the whole system on one box.
 
-Each worker runs in its own process (``edgestream worker KIND``), so models
-compute in parallel and one crash does not take the others down. Their output
-is prefixed with the kind; Ctrl-C stops them all.
+The gateway and each worker run in their own process (``edgestream gateway``,
+``edgestream worker KIND``), so models compute in parallel and one crash does
+not take the others down. Their output is prefixed with the name; Ctrl-C
+stops them all.
 """
 
 from __future__ import annotations
@@ -16,33 +17,33 @@ from stream.config import Config
 from stream.protocol import WorkerKind
 
 
-async def _relay(kind: WorkerKind, stream: asyncio.StreamReader) -> None:
+async def _relay(name: str, stream: asyncio.StreamReader) -> None:
     while line := await stream.readline():
-        sys.stdout.write(f"[{kind.value:>6}] {line.decode(errors='replace')}")
+        sys.stdout.write(f"[{name:>7}] {line.decode(errors='replace')}")
         sys.stdout.flush()
 
 
-async def run_all_workers(config: Config, config_path: Path | None) -> int:
-    processes: dict[WorkerKind, asyncio.subprocess.Process] = {}
+async def run_system(config: Config, config_path: Path | None) -> int:
+    processes: dict[str, asyncio.subprocess.Process] = {}
     relays = []
-    for kind in WorkerKind:
-        args = [sys.executable, "-m", "stream", "worker", kind.value]
+    for name in ["gateway", *(kind.value for kind in WorkerKind)]:
+        args = [sys.executable, "-m", "stream"] + (["gateway"] if name == "gateway" else ["worker", name])
         if config_path is not None:
             args += ["--config", str(config_path)]
         process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        processes[kind] = process
-        relays.append(asyncio.create_task(_relay(kind, process.stdout)))
+        processes[name] = process
+        relays.append(asyncio.create_task(_relay(name, process.stdout)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    exits = {kind: asyncio.create_task(p.wait()) for kind, p in processes.items()}
+    exits = {name: asyncio.create_task(p.wait()) for name, p in processes.items()}
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopper, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    for kind, task in exits.items():
+    for name, task in exits.items():
         if task in done:
-            print(f"edgestream up: the {kind.value} worker exited with {task.result()}; stopping the others", flush=True)
+            print(f"edgestream up: {name} exited with {task.result()}; stopping the others", flush=True)
             code = 1
     for process in processes.values():
         if process.returncode is None:

@@ -60,12 +60,34 @@ def worker(
 
 
 @app.command()
-def up(config: ConfigOption = None) -> None:
-    """Start the whole system on this box: one worker of each kind (embedded models)."""
-    from gateway.up import run_all_workers
+def gateway(
+    config: ConfigOption = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    loopback_ice: Annotated[bool, typer.Option(help="Offer 127.0.0.1 as an ICE candidate (loopback-only machines).")] = False,
+) -> None:
+    """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
+    from gateway.launch import run_gateway
 
     cfg = _config(config)
-    sys.exit(asyncio.run(run_all_workers(cfg, config)))
+    overrides = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
+    if loopback_ice:
+        overrides["loopback_ice"] = True
+    cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
+    try:
+        run_gateway(cfg)
+    except OSError as exc:
+        typer.echo(f"error: cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def up(config: ConfigOption = None) -> None:
+    """Start the whole system on this box: the gateway and one worker of each kind."""
+    from gateway.up import run_system
+
+    cfg = _config(config)
+    sys.exit(asyncio.run(run_system(cfg, config)))
 
 
 @app.command()

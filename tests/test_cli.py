@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +17,20 @@ from stream.protocol import WorkerKind
 from tests.test_worker_vision import encoded, sign
 
 EDGESTREAM = [sys.executable, "-m", "stream"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def http_get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return data.decode().split("\r\n\r\n", 1)[1]
 
 
 async def run(*args: str, timeout: float = 120) -> tuple[int, str]:
@@ -103,7 +119,12 @@ async def test_probe_reports_an_unreachable_worker():
 
 async def test_up_starts_one_worker_of_each_kind_and_stops_them(tmp_path: Path):
     config = tmp_path / "box.toml"
-    config.write_text("".join(f"[workers.{kind.value}]\nport = 0\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind))
+    ports = {kind: free_port() for kind in WorkerKind}
+    gateway_port = free_port()
+    config.write_text(
+        "".join(f"[workers.{kind.value}]\nport = {ports[kind]}\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind)
+        + f"[gateway]\nport = {gateway_port}\n"
+    )
     process = await asyncio.create_subprocess_exec(
         *EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -120,8 +141,16 @@ async def test_up_starts_one_worker_of_each_kind_and_stops_them(tmp_path: Path):
         assert set(urls) == {k.value for k in WorkerKind}
         code, answer = await run("probe", "tts", "Ready.", "--url", urls["tts"])
         assert code == 0 and "Ready." in answer
+        # The gateway serves the page and reports every worker kind as connected.
+        async with asyncio.timeout(30):
+            while True:
+                health = json.loads(await http_get(gateway_port, "/healthz"))
+                if all(health["workers"].values()):
+                    break
+                await asyncio.sleep(0.2)
+        assert "<title>edgestream</title>" in await http_get(gateway_port, "/")
     finally:
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, output + rest.decode()
-    assert rest.decode().count("stopping") == len(WorkerKind)
+    assert rest.decode().count("stopping") == len(WorkerKind) + 1

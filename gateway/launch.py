@@ -1,0 +1,40 @@
+"""``edgestream gateway``: the gateway process, under uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from stream.config import Config
+
+from .server import Gateway
+
+
+async def serve_gateway(config: Config) -> None:
+    settings = config.gateway
+    gateway = Gateway(settings, config.worker_urls())
+    port = await gateway.start()
+    host = settings.host
+    print(f"edgestream gateway listening on http://{host}:{port}/ (signaling ws://{host}:{port}/session)", flush=True)
+    for kind, urls in config.worker_urls().items():
+        print(f"  {kind.value} workers: {', '.join(urls)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("edgestream gateway: stopping", flush=True)
+    await gateway.close()
+
+
+def run_gateway(config: Config) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        uvloop.run(serve_gateway(config))
+    except ImportError:
+        asyncio.run(serve_gateway(config))
