@@ -183,13 +183,18 @@ class Dialog:
     # -- the answer -------------------------------------------------------------------
 
     def _messages(self, text: str, seen: VisionResult | None) -> list[ChatMessage]:
-        system = self.settings.system_prompt
+        """System prompt, recent history, and the question with what the camera shows.
+
+        The camera context goes in the user message, not the system prompt: the
+        prompt then only grows turn by turn, and the LLM worker re-evaluates just
+        the new turn instead of the whole history.
+        """
         if seen is not None and (seen.text or seen.description):
-            system += " The user's camera shows"
-            system += f": {seen.description}" if seen.description else ""
-            system += f" Text visible in the camera: \"{seen.text}\"." if seen.text else "."
+            context = f"(The camera shows: {seen.description}) " if seen.description else ""
+            context += f'(Text visible in the camera: "{seen.text}") ' if seen.text else ""
+            text = context + text
         keep = self.history[-2 * self.settings.max_history_turns :] if self.settings.max_history_turns else []
-        return [ChatMessage(role="system", content=system), *keep, ChatMessage(role="user", content=text)]
+        return [ChatMessage(role="system", content=self.settings.system_prompt), *keep, ChatMessage(role="user", content=text)]
 
     async def _respond(self, turn: Turn, text: str) -> None:
         seen = None
@@ -238,7 +243,7 @@ class Dialog:
         finally:
             if job is not None:
                 self.open_jobs.discard(job)
-        self.history += [ChatMessage(role="user", content=text), ChatMessage(role="assistant", content=answer)]
+        self.history += [self.last_prompt[-1], ChatMessage(role="assistant", content=answer)]
         self.send(AnswerDone(turn=turn.number, text=answer))
         self._spawn(self._report_latency(turn))
 

@@ -122,3 +122,15 @@ def bench_workers(
     from workers.bench import run_worker_bench
 
     asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config)))
+
+
+@bench_app.command("voice")
+def bench_voice(
+    turns: Annotated[int, typer.Option(help="Turns to measure (after one warm-up turn).")] = 10,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
+    config: ConfigOption = None,
+) -> None:
+    """Voice-to-voice latency over WebRTC with the SDK, gateway and workers on this box: p50/p95 and stage medians."""
+    from gateway.bench import run_voice_bench
+
+    asyncio.run(run_voice_bench(turns, out, _config(config)))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp import Llama
 
@@ -81,12 +82,33 @@ class LlmEngine(Engine):
         for llm in self._instances:
             # Evaluate the system prompt once now; every request then reuses it.
             llm.eval(self._prompt.tokens([self.system], add_generation_prompt=False))
-        self._free: asyncio.Queue[Llama] | None = None
+        self._free: list[Llama] = list(self._instances)
+        self._freed: asyncio.Event | None = None
 
     @property
     def idle_instances(self) -> int:
         """Model instances not generating right now (a cancelled job's thread returns its own)."""
-        return len(self._instances) if self._free is None else self._free.qsize()
+        return len(self._free)
+
+    async def _acquire(self, prompt: list[int]) -> Llama:
+        """The free instance whose cache shares the longest prefix with ``prompt``.
+
+        A conversation's next prompt extends its last one, so the instance that
+        answered the last turn re-evaluates only the new tokens.
+        """
+        if self._freed is None:
+            self._freed = asyncio.Event()
+        while not self._free:
+            self._freed.clear()
+            await self._freed.wait()
+        best = max(self._free, key=lambda llm: cached_prefix(llm, prompt))
+        self._free.remove(best)
+        return best
+
+    def _release(self, llm: Llama) -> None:
+        self._free.append(llm)
+        if self._freed is not None:
+            self._freed.set()
 
     def fit_to_context(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[int], int, int]:
         """Tokens of the prompt, the answer budget, and how many messages were dropped.
@@ -129,22 +151,20 @@ class LlmEngine(Engine):
 
     async def run(self, job: Job) -> None:
         params: LlmParams = job.params
-        if self._free is None:
-            self._free = asyncio.Queue()
-            for llm in self._instances:
-                self._free.put_nowait(llm)
-        llm = await self._free.get()
         loop = asyncio.get_running_loop()
+        prompt, budget, dropped = await loop.run_in_executor(None, self.fit_to_context, params.messages, params.max_tokens)
+        llm = await self._acquire(prompt)
+        job.stats.update(prompt_tokens=len(prompt), prompt_tokens_reused=cached_prefix(llm, prompt), dropped_messages=dropped)
         pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by max_tokens (<= 4096)
 
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, item)
 
         def release() -> None:
-            loop.call_soon_threadsafe(self._free.put_nowait, llm)
+            loop.call_soon_threadsafe(self._release, llm)
 
         thread = threading.Thread(
-            target=self._generate, args=(llm, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
+            target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
         )
         started = time.perf_counter()
         thread.start()
@@ -160,14 +180,17 @@ class LlmEngine(Engine):
         job.count(tokens, time.perf_counter() - started)
 
     def _generate(
-        self, llm: Llama, params: LlmParams, job: Job, put: Callable[[Any], None], release: Callable[[], None]
+        self,
+        llm: Llama,
+        prompt: list[int],
+        budget: int,
+        params: LlmParams,
+        job: Job,
+        put: Callable[[Any], None],
+        release: Callable[[], None],
     ) -> None:
         """Sample tokens in this thread until the end, the budget or a cancel."""
         try:
-            prompt, budget, dropped = self.fit_to_context(params.messages, params.max_tokens)
-            cached = llm._input_ids[: llm.n_tokens].tolist()
-            reused = next((i for i, (a, b) in enumerate(zip(cached, prompt[:-1])) if a != b), min(len(cached), len(prompt) - 1))
-            job.stats.update(prompt_tokens=len(prompt), prompt_tokens_reused=reused, dropped_messages=dropped)
             if params.seed is not None:
                 llm.set_seed(params.seed)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -194,3 +217,17 @@ class LlmEngine(Engine):
     def close(self) -> None:
         for llm in self._instances:
             llm.close()
+
+
+def cached_prefix(llm: Llama, prompt: list[int]) -> int:
+    """How many leading tokens of ``prompt`` are already in ``llm``'s KV cache.
+
+    llama.cpp always re-evaluates the last prompt token (it needs its logits),
+    hence the ``- 1``, as in ``Llama.generate``.
+    """
+    cached = llm._input_ids[: llm.n_tokens]
+    n = min(len(cached), len(prompt) - 1)
+    if n <= 0:
+        return 0
+    same = cached[:n] == np.asarray(prompt[:n])
+    return n if same.all() else int(np.argmin(same))
