@@ -48,7 +48,7 @@ from .events import (
 )
 from .playout import SAMPLE_RATE as PLAYOUT_RATE
 from .playout import AnswerTrack
-from .turns import SpeechAudio, SpeechEnded, SpeechStarted, TurnEvent
+from .turns import SpeechAudio, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, TurnEvent
 from .worker_links import NoWorker, WorkerLinks
 
 log = logging.getLogger("edgestream.gateway")
@@ -64,6 +64,14 @@ class Turn:
     """Monotonic time of the end of speech in the received audio."""
     marks: dict[str, float] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)
+    audio: list[np.ndarray] = field(default_factory=list)
+    """Everything heard in this turn, kept to replay into a new STT job if a pause was not the end."""
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the turn has really ended; until then a speculative answer is held back."""
+    held: list[Event] = field(default_factory=list)
+    finishing: asyncio.Task[None] | None = None
+    attempt: int = 0
+    """Bumped when a speculative answer is dropped, so its task knows it was not a barge-in."""
 
     def mark(self, stage: str) -> None:
         if stage not in self.marks and self.speech_end is not None:
@@ -92,6 +100,7 @@ class Dialog:
         self._tasks: set[asyncio.Task] = set()
         self._first_audio: dict[int, asyncio.Future[float]] = {}
         self.last_prompt: list[ChatMessage] = []
+        self.speculations_dropped = 0
         self.open_jobs: set[JobHandle] = set()
         """Jobs this dialog has open on workers (the tests count them)."""
 
@@ -102,13 +111,26 @@ class Dialog:
             await self._speech_started(event)
         elif isinstance(event, SpeechAudio):
             if self.current is not None:
-                await self._send_audio(self.current, event.samples)
+                self.current.audio.append(event.samples)
+                if self.current.finishing is None:
+                    await self._send_audio(self.current, event.samples)
+        elif isinstance(event, SpeechPaused):
+            turn = self.current
+            if turn is not None and turn.finishing is None:
+                # Probably the end: answer now, play only once the end is confirmed.
+                turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
+                turn.finishing = asyncio.create_task(self._finish_turn(turn))
+        elif isinstance(event, SpeechResumed):
+            if self.current is not None and self.current.finishing is not None:
+                await self._resume(self.current)
         elif isinstance(event, SpeechEnded):
             turn, self.current = self.current, None
             if turn is not None:
-                turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
+                if turn.finishing is None:
+                    turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
+                    turn.finishing = asyncio.create_task(self._finish_turn(turn))
                 turn.mark("end_of_turn")
-                self._spawn(self._finish_turn(turn))
+                self._confirm(turn)
 
     async def _speech_started(self, event: SpeechStarted) -> None:
         if self._answer is not None and not self._answer.done() or self.playout.playing:
@@ -127,7 +149,44 @@ class Dialog:
         if self.settings.vision_on_turn and self.latest_frame() is not None:
             turn.vision = asyncio.create_task(self._look(number, self.latest_frame()))
         self.current = turn
+        turn.audio.append(event.preroll)
         await self._send_audio(turn, event.preroll)
+
+    async def _resume(self, turn: Turn) -> None:
+        """The pause was not the end: drop the speculative answer, reopen recognition."""
+        turn.attempt += 1
+        self.speculations_dropped += 1
+        if turn.finishing is not None:
+            turn.finishing.cancel()
+        if self._answer is not None and self._answer_turn is turn:
+            self._answer.cancel()
+        turn.stt_results.cancel()
+        turn.held.clear()
+        turn.marks.clear()
+        turn.finishing = None
+        try:
+            stt = self.links.pick(WorkerKind.STT)
+            turn.stt_job = await stt.start_job({})
+        except (NoWorker, JobFailed) as exc:
+            self.send(ErrorEvent(code="no_worker" if isinstance(exc, NoWorker) else exc.code.value, message=str(exc), turn=turn.number))
+            self.current = None
+            return
+        self.open_jobs.add(turn.stt_job)
+        turn.stt_results = asyncio.create_task(self._stt_results(turn.number, turn.stt_job))
+        await self._send_audio(turn, np.concatenate(turn.audio))  # replay: no sample is lost
+
+    def _confirm(self, turn: Turn) -> None:
+        turn.confirmed.set()
+        held, turn.held = turn.held, []
+        for event in held:
+            self.send(event)
+
+    def _emit(self, turn: Turn, event: Event) -> None:
+        """Send an answer event, or hold it while the answer is still speculative."""
+        if turn.confirmed.is_set():
+            self.send(event)
+        else:
+            turn.held.append(event)
 
     async def _send_audio(self, turn: Turn, samples: np.ndarray) -> None:
         try:
@@ -157,13 +216,13 @@ class Dialog:
             self.send(ErrorEvent(code="stt_failed", message=str(exc) or "no final transcript", turn=turn.number))
             return
         turn.mark("stt_final")
-        self.send(TranscriptFinal(turn=turn.number, text=text))
+        self._emit(turn, TranscriptFinal(turn=turn.number, text=text))
         if not text.strip():
             return
         if self._answer is not None and not self._answer.done():
             self._barge_in()
         self._answer_turn = turn
-        self._answer = asyncio.create_task(self._respond(turn, text))
+        self._answer = asyncio.create_task(self._respond(turn, text, turn.attempt))
 
     # -- vision ---------------------------------------------------------------------
 
@@ -196,7 +255,7 @@ class Dialog:
         keep = self.history[-2 * self.settings.max_history_turns :] if self.settings.max_history_turns else []
         return [ChatMessage(role="system", content=self.settings.system_prompt), *keep, ChatMessage(role="user", content=text)]
 
-    async def _respond(self, turn: Turn, text: str) -> None:
+    async def _respond(self, turn: Turn, text: str, attempt: int) -> None:
         seen = None
         if turn.vision is not None:
             with contextlib.suppress(TimeoutError):
@@ -219,7 +278,7 @@ class Dialog:
                 piece = LlmResult.model_validate(event.data).text
                 turn.mark("first_token")
                 answer += piece
-                self.send(AnswerToken(turn=turn.number, text=piece))
+                self._emit(turn, AnswerToken(turn=turn.number, text=piece))
                 for clause in chunker.feed(piece):
                     turn.mark("first_clause")
                     clauses.put_nowait(clause)
@@ -232,8 +291,9 @@ class Dialog:
             speaker.cancel()
             if job is not None:
                 self._spawn(self._cancel_job(job))
-            self.history += [ChatMessage(role="user", content=text), ChatMessage(role="assistant", content=answer + "...")]
-            self.send(AnswerDone(turn=turn.number, text=answer, interrupted=True))
+            if attempt == turn.attempt:  # a barge-in, not a speculation proved wrong
+                self.history += [self.last_prompt[-1], ChatMessage(role="assistant", content=answer + "...")]
+                self.send(AnswerDone(turn=turn.number, text=answer, interrupted=True))
             raise
         except (NoWorker, JobFailed) as exc:
             speaker.cancel()
@@ -243,6 +303,7 @@ class Dialog:
         finally:
             if job is not None:
                 self.open_jobs.discard(job)
+        await turn.confirmed.wait()
         self.history += [self.last_prompt[-1], ChatMessage(role="assistant", content=answer)]
         self.send(AnswerDone(turn=turn.number, text=answer))
         self._spawn(self._report_latency(turn))
@@ -259,6 +320,7 @@ class Dialog:
                 async for event in job.events():
                     if isinstance(event, MediaFrame):
                         turn.mark("first_tts_audio")
+                        await turn.confirmed.wait()  # a speculative answer stays silent until the turn ends
                         if resampler is None:
                             resampler = Resampler(event.sample_rate, PLAYOUT_RATE)
                         await self.playout.write(turn.number, resampler.push(np.frombuffer(event.payload, "<i2")))

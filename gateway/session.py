@@ -40,7 +40,7 @@ class Session:
         self.pc = RTCPeerConnection()
         self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
         self.dialog = Dialog(links, settings, self.send, self.answer_track, lambda: self.latest_frame)
-        self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms))
+        self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms))
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0
         self.audio_frames = 0

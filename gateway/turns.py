@@ -29,6 +29,10 @@ class TurnSettings:
     end_silence_ms: float = 320
     """Silence after speech that ends the turn."""
     preroll_ms: float = 256
+    pause_ms: float = 160
+    """Silence after which the turn is *probably* over: the dialog starts answering
+    speculatively, and keeps the answer's audio back until ``end_silence_ms``
+    confirms the end (0: no speculation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,21 @@ class SpeechAudio:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechPaused:
+    """``pause_ms`` of silence: the turn may be over (:class:`SpeechEnded` or :class:`SpeechResumed` follows)."""
+
+    speech_end_s: float
+    stream_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """Speech came back after a :class:`SpeechPaused`: the turn goes on."""
+
+    stream_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class SpeechEnded:
     speech_end_s: float
     """Stream position of the end of the last voiced chunk."""
@@ -51,7 +70,7 @@ class SpeechEnded:
     """Stream position when the end was detected."""
 
 
-TurnEvent = SpeechStarted | SpeechAudio | SpeechEnded
+TurnEvent = SpeechStarted | SpeechAudio | SpeechPaused | SpeechResumed | SpeechEnded
 
 
 class TurnDetector:
@@ -65,6 +84,7 @@ class TurnDetector:
         self._speaking = False
         self._chunks = 0
         self._last_voiced_end = 0.0
+        self._paused = False
 
     @property
     def speaking(self) -> bool:
@@ -102,10 +122,18 @@ class TurnDetector:
         if prob >= s.end_threshold:
             self._silent_run = 0
             self._last_voiced_end = self.stream_s
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(self.stream_s))
         else:
             self._silent_run += 1
-            if self._silent_run * CHUNK_MS >= s.end_silence_ms:
+            silence_ms = self._silent_run * CHUNK_MS
+            if silence_ms >= s.end_silence_ms:
                 self._speaking = False
+                self._paused = False
                 self._voiced_run = 0
                 events.append(SpeechEnded(self._last_voiced_end, self.stream_s))
+            elif s.pause_ms and silence_ms >= s.pause_ms and not self._paused:
+                self._paused = True
+                events.append(SpeechPaused(self._last_voiced_end, self.stream_s))
         return events
