@@ -239,6 +239,14 @@ class Dialog:
         self.send(VisionText(turn=number, text=result.text, description=result.description))
         return result
 
+    async def watch_camera(self, interval_s: float) -> None:
+        """OCR the latest frame every ``interval_s`` (one at a time: a slow worker skips ticks, nothing queues)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            frame = self.latest_frame()
+            if frame is not None:
+                await self._look(self.turns, frame)
+
     # -- the answer -------------------------------------------------------------------
 
     def _messages(self, text: str, seen: VisionResult | None) -> list[ChatMessage]:

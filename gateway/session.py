@@ -73,6 +73,8 @@ class Session:
             self._spawn(self._ingest_audio(track))
         elif track.kind == "video":
             self._spawn(self._keep_latest_frame(track))
+            if self.settings.vision_interval_s > 0:
+                self._spawn(self.dialog.watch_camera(self.settings.vision_interval_s))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         self.channel = channel

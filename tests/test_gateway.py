@@ -272,3 +272,20 @@ async def test_a_pause_inside_a_turn_does_not_cut_it(gateway, speak):
         assert gateway.sessions[session.session_id].dialog.speculations_dropped >= 1  # the resume path ran
     finally:
         await session.close()
+
+
+async def test_camera_is_sampled_on_an_interval_when_configured(workers):
+    from tests.test_worker_vision import sign
+
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, vision_interval_s=0.5), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        await gateway.links.wait_ready([WorkerKind.VISION], timeout=10)
+        session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", camera=np.asarray(sign("OPEN 24H")), loopback_ice=True)
+        first = await session.wait_event("vision", timeout=20)
+        second = await session.wait_event("vision", timeout=20, after=session.events.index(first) + 1)
+        assert "OPEN" in first["text"].upper() and first["turn"] == second["turn"] == 0  # no turn yet
+        await session.close()
+    finally:
+        await gateway.close()
