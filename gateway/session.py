@@ -19,7 +19,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from stream.config import GatewaySettings
 
 from .dialog import Dialog
-from .events import Event, SessionReady
+from .events import ErrorEvent, Event, SessionReady
 from .playout import AnswerTrack
 from .turns import TurnDetector, TurnSettings
 from .worker_links import WorkerLinks
@@ -86,8 +86,6 @@ class Session:
 
     def _on_client_message(self, message: object) -> None:
         # The client has nothing to say on the channel yet; say so instead of ignoring it.
-        from .events import ErrorEvent
-
         log.info("session %s: unexpected data channel message", self.id)
         self.send(ErrorEvent(code="unexpected_message", message="the events channel is gateway-to-client only"))
 

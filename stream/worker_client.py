@@ -81,7 +81,7 @@ class ConnectionLost(JobFailed):
 
 @dataclass(frozen=True, slots=True)
 class SpeechChunk:
-    """Audio of a TTS job as it streams; ``clause`` is set on the result that follows a clause."""
+    """A piece of a TTS job's audio, as it streams."""
 
     pcm: np.ndarray
     sample_rate: int

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
 import pytest_asyncio
+import websockets
+from aiortc import RTCPeerConnection
 
 from gateway.server import Gateway
 from stream.audio import rms_dbfs
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
-from stream.sdk import GatewaySession
+from stream.sdk import GatewayError, GatewaySession
 from tests.conftest import word_error_rate
 
 QUESTION = "What is the capital of France?"
@@ -132,14 +135,6 @@ async def test_camera_text_reaches_the_answer_context(gateway, workers, speak):
 
 
 # -- bad input: each gets a clear error; the gateway and other sessions keep going --------
-
-import json  # noqa: E402
-
-import websockets  # noqa: E402
-from aiortc import RTCPeerConnection  # noqa: E402
-
-from stream.sdk import GatewayError  # noqa: E402
-
 
 async def signaling_reply(url: str, message: str) -> dict:
     async with websockets.connect(url) as websocket:
