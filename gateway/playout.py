@@ -9,14 +9,15 @@ frame on barge-in.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 from collections import deque
 from collections.abc import Callable
 
 import av
 import numpy as np
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from stream.audio import FrameClock, audio_frame
 
 SAMPLE_RATE = 48_000
 FRAME_SAMPLES = 960  # 20 ms
@@ -33,8 +34,7 @@ class AnswerTrack(MediaStreamTrack):
         self._buffered = 0
         self._space = asyncio.Event()
         self._space.set()
-        self._start: float | None = None
-        self._timestamp = 0
+        self._clock = FrameClock(FRAME_SAMPLES, SAMPLE_RATE)
         self._started_turns: set[int] = set()
         self._on_first_audio = on_first_audio
         self.frames_sent = 0
@@ -84,16 +84,8 @@ class AnswerTrack(MediaStreamTrack):
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
-            from aiortc.mediastreams import MediaStreamError
-
             raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        else:
-            self._timestamp += FRAME_SAMPLES
-            wait = self._start + self._timestamp / SAMPLE_RATE - time.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        pts = await self._clock.tick()
         samples, turn = self._take()
         if turn is not None:
             self.audio_frames_sent += 1
@@ -101,10 +93,5 @@ class AnswerTrack(MediaStreamTrack):
                 self._started_turns.add(turn)
                 if self._on_first_audio is not None:
                     self._on_first_audio(turn, time.monotonic())
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(samples.tobytes())
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = self._timestamp
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
         self.frames_sent += 1
-        return frame
+        return audio_frame(samples, SAMPLE_RATE, pts)

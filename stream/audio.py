@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import fractions
+import time
 import wave
 from pathlib import Path
 
@@ -74,3 +77,34 @@ def rms_dbfs(samples: np.ndarray) -> float:
         return float("-inf")
     rms = float(np.sqrt(np.mean(np.square(samples.astype(np.float64)))))
     return 20 * np.log10(rms / 32768) if rms > 0 else float("-inf")
+
+
+def audio_frame(samples: np.ndarray, sample_rate: int, pts: int) -> av.AudioFrame:
+    """A mono s16 PyAV frame for a WebRTC track, stamped with ``pts`` in 1/rate units."""
+    frame = av.AudioFrame(format="s16", layout="mono", samples=len(samples))
+    frame.planes[0].update(np.asarray(samples, np.int16).tobytes())
+    frame.sample_rate = sample_rate
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, sample_rate)
+    return frame
+
+
+class FrameClock:
+    """Paces a track's frames at real time: ``await tick()`` returns when the next frame is due."""
+
+    def __init__(self, frame_samples: int, sample_rate: int) -> None:
+        self.frame_samples = frame_samples
+        self.sample_rate = sample_rate
+        self.pts = 0
+        self._start: float | None = None
+
+    async def tick(self) -> int:
+        """Wait for the next frame's time; return its pts."""
+        if self._start is None:
+            self._start = time.time()
+        else:
+            self.pts += self.frame_samples
+            wait = self._start + self.pts / self.sample_rate - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        return self.pts

@@ -39,7 +39,7 @@ import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .audio import Resampler
+from .audio import FrameClock, Resampler, audio_frame
 
 RATE = 48_000
 FRAME = 960  # 20 ms
@@ -62,8 +62,7 @@ class MicrophoneTrack(MediaStreamTrack):
     def __init__(self) -> None:
         super().__init__()
         self._queue: deque[tuple[np.ndarray, asyncio.Future[float] | None]] = deque()
-        self._start: float | None = None
-        self._timestamp = 0
+        self._clock = FrameClock(FRAME, RATE)
 
     def queue(self, samples: np.ndarray, sample_rate: int) -> asyncio.Future[float]:
         """Queue mono int16 speech; the future gives the monotonic time its last sample was sent."""
@@ -78,25 +77,14 @@ class MicrophoneTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        if self._start is None:
-            self._start = time.time()
-        else:
-            self._timestamp += FRAME
-            wait = self._start + self._timestamp / RATE - time.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        pts = await self._clock.tick()
         samples = np.zeros(FRAME, np.int16)
         if self._queue:
             chunk, done = self._queue.popleft()
             samples[: len(chunk)] = chunk
             if done is not None and not done.done():
                 done.set_result(time.monotonic())
-        frame = av.AudioFrame(format="s16", layout="mono", samples=FRAME)
-        frame.planes[0].update(samples.tobytes())
-        frame.sample_rate = RATE
-        frame.pts = self._timestamp
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
+        return audio_frame(samples, RATE, pts)
 
 
 class CameraTrack(MediaStreamTrack):
