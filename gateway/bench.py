@@ -57,7 +57,11 @@ async def _start_system(config: Config, workdir: Path) -> tuple[list[asyncio.sub
     for kind in WorkerKind:
         settings = config.workers.for_kind(kind)
         lines.append(f"[workers.{kind.value}]\nport = {ports[kind]}\ncapacity = {settings.capacity}\nthreads = {settings.threads}\n")
-    lines.append(f"[gateway]\nport = {gateway_port}\nloopback_ice = true\nend_silence_ms = {config.gateway.end_silence_ms}\n")
+    g = config.gateway
+    lines.append(
+        f"[gateway]\nport = {gateway_port}\nloopback_ice = true\nend_silence_ms = {g.end_silence_ms}\n"
+        f"speculate_after_ms = {g.speculate_after_ms}\nmax_answer_tokens = {g.max_answer_tokens}\n"
+    )
     path = workdir / "bench.toml"
     path.write_text("".join(lines))
     processes = []
@@ -136,6 +140,7 @@ async def run_voice_bench(turns: int, out: Path, config: Config) -> dict[str, An
         "machine": _machine(),
         "turns": turns,
         "end_silence_ms": config.gateway.end_silence_ms,
+        "speculate_after_ms": config.gateway.speculate_after_ms,
         "voice_to_voice_ms": {"p50": _percentile(voice_to_voice, 0.5), "p95": _percentile(voice_to_voice, 0.95), "all": [round(v, 1) for v in voice_to_voice]},
         "stage_medians_ms": medians,
     }

@@ -260,8 +260,20 @@ class Dialog:
             context = f"(The camera shows: {seen.description}) " if seen.description else ""
             context += f'(Text visible in the camera: "{seen.text}") ' if seen.text else ""
             text = context + text
-        keep = self.history[-2 * self.settings.max_history_turns :] if self.settings.max_history_turns else []
-        return [ChatMessage(role="system", content=self.settings.system_prompt), *keep, ChatMessage(role="user", content=text)]
+        return [ChatMessage(role="system", content=self.settings.system_prompt), *self.history, ChatMessage(role="user", content=text)]
+
+    def _remember(self, question: ChatMessage, answer: str) -> None:
+        """Add a turn to the history, trimming it in blocks, not one turn at a time.
+
+        A window that slides by one turn changes the prompt right after the
+        system message on every turn, so the LLM worker would re-evaluate the
+        whole history each time (seconds at ~300 tokens/s). Halving it when
+        full keeps the prompt a growing prefix for many turns in a row.
+        """
+        self.history += [question, ChatMessage(role="assistant", content=answer)]
+        limit = self.settings.max_history_turns
+        if len(self.history) > 2 * limit:
+            self.history = self.history[-2 * (limit // 2) :] if limit // 2 else []
 
     async def _respond(self, turn: Turn, text: str, attempt: int) -> None:
         seen = None
@@ -300,7 +312,7 @@ class Dialog:
             if job is not None:
                 self._spawn(self._cancel_job(job))
             if attempt == turn.attempt:  # a barge-in, not a speculation proved wrong
-                self.history += [self.last_prompt[-1], ChatMessage(role="assistant", content=answer + "...")]
+                self._remember(self.last_prompt[-1], answer + "...")
                 self.send(AnswerDone(turn=turn.number, text=answer, interrupted=True))
             raise
         except (NoWorker, JobFailed) as exc:
@@ -312,7 +324,7 @@ class Dialog:
             if job is not None:
                 self.open_jobs.discard(job)
         await turn.confirmed.wait()
-        self.history += [self.last_prompt[-1], ChatMessage(role="assistant", content=answer)]
+        self._remember(self.last_prompt[-1], answer)
         self.send(AnswerDone(turn=turn.number, text=answer))
         self._spawn(self._report_latency(turn))
 

@@ -104,7 +104,7 @@ class GatewaySettings(_Section):
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
     end_silence_ms: Annotated[float, Field(ge=64, le=5000)] = 320
     """Silence after speech that ends a turn."""
-    speculate_after_ms: Annotated[float, Field(ge=0, le=5000)] = 160
+    speculate_after_ms: Annotated[float, Field(ge=0, le=5000)] = 128
     """Silence after which the answer is prepared speculatively (held back until the
     end of the turn is confirmed, dropped if speech resumes); 0 turns this off."""
     max_answer_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
