@@ -29,7 +29,7 @@ class TurnSettings:
     end_silence_ms: float = 320
     """Silence after speech that ends the turn."""
     preroll_ms: float = 256
-    pause_ms: float = 160
+    pause_ms: float = 128
     """Silence after which the turn is *probably* over: the dialog starts answering
     speculatively, and keeps the answer's audio back until ``end_silence_ms``
     confirms the end (0: no speculation)."""
