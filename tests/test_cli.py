@@ -14,6 +14,7 @@ import pytest
 
 from stream.audio import write_wav
 from stream.protocol import WorkerKind
+from tests.conftest import word_error_rate
 from tests.test_worker_vision import encoded, sign
 
 EDGESTREAM = [sys.executable, "-m", "stream"]
@@ -75,7 +76,9 @@ async def test_launch_command_serves_and_probe_gets_an_answer(kind: WorkerKind, 
         if kind is WorkerKind.STT:
             write_wav(tmp_path / "q.wav", speak("Please turn on the kitchen lights."), 16000)
             code, output = await run("probe", "stt", str(tmp_path / "q.wav"), "--url", worker.url)
-            assert "partial" in output and re.search(r"final\s+Please turn on the kitchen lights", output), output
+            final = re.search(r"final\s+(.*)", output)
+            assert "partial" in output and final, output
+            assert word_error_rate("Please turn on the kitchen lights.", final.group(1)) <= 0.34, output
         elif kind is WorkerKind.LLM:
             code, output = await run("probe", "llm", "Say hello.", "--url", worker.url)
             assert len(output.strip().splitlines()) >= 2, output
