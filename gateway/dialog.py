@@ -118,8 +118,7 @@ class Dialog:
             turn = self.current
             if turn is not None and turn.finishing is None:
                 # Probably the end: answer now, play only once the end is confirmed.
-                turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
-                turn.finishing = asyncio.create_task(self._finish_turn(turn))
+                self._start_finishing(turn, event)
         elif isinstance(event, SpeechResumed):
             if self.current is not None and self.current.finishing is not None:
                 await self._resume(self.current)
@@ -127,25 +126,36 @@ class Dialog:
             turn, self.current = self.current, None
             if turn is not None:
                 if turn.finishing is None:
-                    turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
-                    turn.finishing = asyncio.create_task(self._finish_turn(turn))
+                    self._start_finishing(turn, event)
                 turn.mark("end_of_turn")
                 self._confirm(turn)
+
+    async def _open_stt(self, number: int) -> tuple[JobHandle, asyncio.Task[str], str] | None:
+        """A new STT job for turn ``number`` and the task reading its results; ``None`` (reported) if none can be had."""
+        try:
+            stt = self.links.pick(WorkerKind.STT)
+            job = await stt.start_job({})
+        except (NoWorker, JobFailed) as exc:
+            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=number))
+            return None
+        self.open_jobs.add(job)
+        return job, asyncio.create_task(self._stt_results(number, job)), stt.hello.worker_id
+
+    def _start_finishing(self, turn: Turn, event: SpeechPaused | SpeechEnded) -> None:
+        turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
+        turn.finishing = asyncio.create_task(self._finish_turn(turn))
 
     async def _speech_started(self, event: SpeechStarted) -> None:
         if self._answer is not None and not self._answer.done() or self.playout.playing:
             self._barge_in()
         self.turns += 1
         number = self.turns
-        try:
-            stt = self.links.pick(WorkerKind.STT)
-            job = await stt.start_job({})
-        except (NoWorker, JobFailed) as exc:
-            self.send(ErrorEvent(code="no_worker" if isinstance(exc, NoWorker) else exc.code.value, message=str(exc), turn=number))
+        opened = await self._open_stt(number)
+        if opened is None:
             return
-        self.open_jobs.add(job)
-        turn = Turn(number, job, asyncio.create_task(self._stt_results(number, job)))
-        turn.workers["stt"] = stt.hello.worker_id
+        job, results, worker_id = opened
+        turn = Turn(number, job, results)
+        turn.workers["stt"] = worker_id
         if self.settings.vision_on_turn and self.latest_frame() is not None:
             turn.vision = asyncio.create_task(self._look(number, self.latest_frame()))
         self.current = turn
@@ -164,15 +174,11 @@ class Dialog:
         turn.held.clear()
         turn.marks.clear()
         turn.finishing = None
-        try:
-            stt = self.links.pick(WorkerKind.STT)
-            turn.stt_job = await stt.start_job({})
-        except (NoWorker, JobFailed) as exc:
-            self.send(ErrorEvent(code="no_worker" if isinstance(exc, NoWorker) else exc.code.value, message=str(exc), turn=turn.number))
+        opened = await self._open_stt(turn.number)
+        if opened is None:
             self.current = None
             return
-        self.open_jobs.add(turn.stt_job)
-        turn.stt_results = asyncio.create_task(self._stt_results(turn.number, turn.stt_job))
+        turn.stt_job, turn.stt_results, _ = opened
         await self._send_audio(turn, np.concatenate(turn.audio))  # replay: no sample is lost
 
     def _confirm(self, turn: Turn) -> None:
@@ -317,8 +323,7 @@ class Dialog:
             raise
         except (NoWorker, JobFailed) as exc:
             speaker.cancel()
-            code = "no_worker" if isinstance(exc, NoWorker) else exc.code.value
-            self.send(ErrorEvent(code=code, message=str(exc), turn=turn.number))
+            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=turn.number))
             return
         finally:
             if job is not None:
@@ -402,3 +407,7 @@ class Dialog:
             with contextlib.suppress(JobFailed, Exception):
                 await job.cancel()
         self.open_jobs.clear()
+
+
+def _error_code(exc: NoWorker | JobFailed) -> str:
+    return "no_worker" if isinstance(exc, NoWorker) else exc.code.value

@@ -37,16 +37,10 @@ class AnswerTrack(MediaStreamTrack):
         self._clock = FrameClock(FRAME_SAMPLES, SAMPLE_RATE)
         self._started_turns: set[int] = set()
         self._on_first_audio = on_first_audio
-        self.frames_sent = 0
-        self.audio_frames_sent = 0
 
     @property
     def playing(self) -> bool:
         return self._buffered > 0
-
-    @property
-    def buffered_s(self) -> float:
-        return self._buffered / SAMPLE_RATE
 
     async def write(self, turn: int, samples: np.ndarray) -> None:
         """Queue 48 kHz mono int16 samples of ``turn``'s answer."""
@@ -87,11 +81,8 @@ class AnswerTrack(MediaStreamTrack):
             raise MediaStreamError
         pts = await self._clock.tick()
         samples, turn = self._take()
-        if turn is not None:
-            self.audio_frames_sent += 1
-            if turn not in self._started_turns:
-                self._started_turns.add(turn)
-                if self._on_first_audio is not None:
-                    self._on_first_audio(turn, time.monotonic())
-        self.frames_sent += 1
+        if turn is not None and turn not in self._started_turns:
+            self._started_turns.add(turn)
+            if self._on_first_audio is not None:
+                self._on_first_audio(turn, time.monotonic())
         return audio_frame(samples, SAMPLE_RATE, pts)

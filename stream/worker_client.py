@@ -107,9 +107,6 @@ class JobHandle:
         self._audio_seq += 1
         await self.client._send_frame(frame)
 
-    async def send_frame(self, frame: MediaFrame) -> None:
-        await self.client._send_frame(frame)
-
     async def send_image(self, data: bytes, media_format: MediaFormat) -> None:
         await self.client._send_frame(MediaFrame(self.job_id, 0, media_format, data))
 
@@ -154,7 +151,6 @@ class WorkerClient:
         """Recent errors not tied to a job (refused messages)."""
         self._handles: dict[int, JobHandle] = {}
         self._load_waiters: list[asyncio.Future[LoadReport]] = []
-        self._error_event = asyncio.Event()
         self._reader = asyncio.create_task(self._read(), name=f"worker-client {url}")
 
     @classmethod
@@ -209,12 +205,6 @@ class WorkerClient:
         self._load_waiters.append(waiter)
         await self._send(LoadRequest())
         return await asyncio.wait_for(waiter, timeout)
-
-    async def wait_error(self, timeout: float = 5.0) -> Error:
-        """The next error not tied to a job (for example a refused frame)."""
-        self._error_event.clear()
-        await asyncio.wait_for(self._error_event.wait(), timeout)
-        return self.errors[-1]
 
     # -- conveniences, one per kind ------------------------------------------
 
@@ -322,7 +312,6 @@ class WorkerClient:
             else:
                 log.warning("%s: worker refused a message: %s: %s", self.url, event.code.value, event.message)
                 self.errors.append(event)
-                self._error_event.set()
         elif isinstance(event, (JobResult, MediaFrame, JobDone)):
             handle = self._handles.get(event.job_id)
             if handle is not None:

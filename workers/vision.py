@@ -72,10 +72,6 @@ class VisionEngine(Engine):
         self._describer = Describer(settings) if settings.mmproj and settings.vlm_model else None
         self._pool = ThreadPoolExecutor(settings.capacity, thread_name_prefix="vision")
 
-    @property
-    def describes(self) -> bool:
-        return self._describer is not None
-
     def analyze(self, ocr: Any, image: Image.Image, params: VisionParams) -> VisionResult:
         """OCR (and describe) one image (blocking)."""
         output = ocr(image)
