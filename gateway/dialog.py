@@ -157,7 +157,7 @@ class Dialog:
         turn = Turn(number, job, results)
         turn.workers["stt"] = worker_id
         if self.settings.vision_on_turn and self.latest_frame() is not None:
-            turn.vision = asyncio.create_task(self._look(number, self.latest_frame()))
+            turn.vision = asyncio.create_task(self._look(number, self.latest_frame(), turn.workers))
         self.current = turn
         turn.audio.append(event.preroll)
         await self._send_audio(turn, event.preroll)
@@ -232,9 +232,12 @@ class Dialog:
 
     # -- vision ---------------------------------------------------------------------
 
-    async def _look(self, number: int, frame: av.VideoFrame) -> VisionResult | None:
+    async def _look(self, number: int, frame: av.VideoFrame, workers: dict[str, str] | None = None) -> VisionResult | None:
+        """OCR ``frame`` for turn ``number``; records the worker in ``workers``."""
         try:
             vision = self.links.pick(WorkerKind.VISION)
+            if workers is not None:
+                workers["vision"] = vision.hello.worker_id
             image = frame.to_image()
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=85)

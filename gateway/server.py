@@ -39,6 +39,9 @@ log = logging.getLogger("edgestream.gateway")
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 MAX_SIGNALING_BYTES = 64 * 1024
 OFFER_TIMEOUT_S = 10.0
+# The page's own types, so serving it does not depend on the system's mime.types
+# (a module script with the wrong type does not run).
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
 class Gateway:
@@ -84,7 +87,7 @@ class Gateway:
         file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
         if not file.is_relative_to(WEB_ROOT) or not file.is_file():
             return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-        kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        kind = CONTENT_TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         return _response(HTTPStatus.OK, file.read_bytes(), kind)
 
     # -- signaling ---------------------------------------------------------------------

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from gateway.server import Gateway
 from stream.audio import resample
-from stream.config import Config
+from stream.config import Config, GatewaySettings
 from stream.protocol import WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE
 from stream.worker_client import WorkerClient
@@ -118,3 +119,30 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, inter
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+# -- a gateway with one in-process worker of each kind ------------------------------------
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def workers(start_worker):
+    """One in-process worker of each kind on loopback; their servers, by kind."""
+    servers, urls = {}, {}
+    for kind in WorkerKind:
+        servers[kind], url = await start_worker(kind, capacity=2)
+        urls[kind] = [url]
+    return servers, urls
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def gateway(workers):
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    await gateway.links.wait_ready(list(WorkerKind), timeout=10)
+    gateway.url = f"ws://127.0.0.1:{port}/session"
+    yield gateway
+    await gateway.close()
+
+
+def with_silence(samples: np.ndarray, before_s: float = 0.3, after_s: float = 0.8) -> np.ndarray:
+    return np.concatenate([np.zeros(int(16000 * before_s), np.int16), samples, np.zeros(int(16000 * after_s), np.int16)])

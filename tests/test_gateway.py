@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import pytest_asyncio
 import websockets
 from aiortc import RTCPeerConnection
 
@@ -16,40 +15,15 @@ from stream.audio import rms_dbfs
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
 from stream.sdk import GatewayError, GatewaySession
-from tests.conftest import word_error_rate
+from tests.conftest import with_silence, word_error_rate
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def workers(start_worker):
-    """One in-process worker of each kind on loopback; their servers, by kind."""
-    servers, urls = {}, {}
-    for kind in WorkerKind:
-        servers[kind], url = await start_worker(kind, capacity=2)
-        urls[kind] = [url]
-    return servers, urls
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def gateway(workers):
-    _, urls = workers
-    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), urls)
-    port = await gateway.start("127.0.0.1", 0)
-    await gateway.links.wait_ready(list(WorkerKind), timeout=10)
-    gateway.url = f"ws://127.0.0.1:{port}/session"
-    yield gateway
-    await gateway.close()
 
 
 def trimmed(samples: np.ndarray, threshold: int = 300) -> np.ndarray:
     """The speech without the silence piper puts around it."""
     loud = np.nonzero(np.abs(samples) > threshold)[0]
     return samples[loud[0] : loud[-1] + 1]
-
-
-def with_silence(samples: np.ndarray, before_s: float = 0.3, after_s: float = 0.8) -> np.ndarray:
-    return np.concatenate([np.zeros(int(16000 * before_s), np.int16), samples, np.zeros(int(16000 * after_s), np.int16)])
 
 
 async def test_a_spoken_question_gets_a_spoken_answer(gateway, speak):
