@@ -50,6 +50,7 @@ class Gateway:
         self.links = WorkerLinks(worker_urls)
         self.sessions: dict[str, Session] = {}
         self._server: Server | None = None
+        self._closing = False
         if settings.loopback_ice:
             from .loopback import allow_loopback_ice
 
@@ -67,6 +68,7 @@ class Gateway:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        self._closing = True  # sessions end with "shutting_down", not "connection_failed"
         for session in list(self.sessions.values()):
             await session.close()
         if self._server is not None:
@@ -143,8 +145,12 @@ class Gateway:
         for task in (closed, gone):
             task.cancel()
         if session.closed.is_set():
+            if self._closing:
+                error = {"type": "error", "code": "shutting_down", "message": "the gateway is shutting down"}
+            else:
+                error = {"type": "error", "code": "connection_failed", "message": "the WebRTC connection failed"}
             with contextlib.suppress(websockets.ConnectionClosed):
-                await websocket.send(json.dumps({"type": "error", "code": "connection_failed", "message": "the WebRTC connection failed"}))
+                await websocket.send(json.dumps(error))
                 await websocket.close()
 
 

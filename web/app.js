@@ -46,6 +46,8 @@ function explain({ code, message }) {
     }
     case "unreachable":
       return `Cannot reach the gateway at ${gatewayUrl}. Is it running (edgestream up)?`;
+    case "shutting_down":
+      return "The gateway shut down. Press Start talking to try again once it is back.";
     case "gateway_lost":
       return "The connection to the gateway was lost. Press Start talking to try again.";
     case "too_many_sessions":
@@ -259,6 +261,7 @@ async function start() {
       setStatus("error", "Disconnected");
     }
     teardown();
+    refreshWorkers();
   });
   $("speaker").srcObject = current.answerStream;
   stopMeter = meter(current.answerStream);
