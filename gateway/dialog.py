@@ -12,7 +12,10 @@ Per turn:
    complete clause becomes a TTS job at once; its PCM is converted to 48 kHz
    and queued on the answer track.
 
-Every stage is timed from the end of speech and reported per turn.
+Every stage is timed from the end of speech and reported per turn. Every job
+gets its worker from the pool (``gateway/worker_pool.py``); a job whose worker
+dies or stalls moves to another one as ``gateway/failover.py`` says, and the
+session keeps one model per kind.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import contextlib
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import av
@@ -31,9 +34,11 @@ import numpy as np
 from stream.audio import Resampler
 from stream.clauses import ClauseChunker
 from stream.config import GatewaySettings
-from stream.protocol import JobResult, MediaFormat, MediaFrame, WorkerKind
+from stream.protocol import ErrorCode, JobResult, MediaFormat, MediaFrame, WorkerKind
 from stream.protocol.jobs import ChatMessage, LlmParams, LlmResult, SttResult, TtsParams, VisionParams, VisionResult
 from stream.worker_client import JobFailed, JobHandle
+
+from . import failover
 
 from .events import (
     AnswerDone,
@@ -49,7 +54,8 @@ from .events import (
 from .playout import SAMPLE_RATE as PLAYOUT_RATE
 from .playout import AnswerTrack
 from .turns import SpeechAudio, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, TurnEvent
-from .worker_links import NoWorker, WorkerLinks
+from .selection import Job, job_size
+from .worker_pool import Lease, ModelPin, NoWorker, WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
 
@@ -57,8 +63,15 @@ log = logging.getLogger("edgestream.gateway")
 @dataclass
 class Turn:
     number: int
-    stt_job: JobHandle
-    stt_results: asyncio.Task[str]
+    stt_job: JobHandle | None = None
+    stt_lease: Lease | None = None
+    stt_results: asyncio.Task[str] | None = None
+    stt_tried: set[str] = field(default_factory=set)
+    """Workers this turn's recognition has been on (a failover goes to another)."""
+    stt_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while audio goes out, so a failover's replay keeps the audio in order."""
+    input_ended: float | None = None
+    """Monotonic time the STT job was told the utterance is complete."""
     vision: asyncio.Task[VisionResult | None] | None = None
     speech_end: float | None = None
     """Monotonic time of the end of speech in the received audio."""
@@ -81,13 +94,18 @@ class Turn:
 class Dialog:
     def __init__(
         self,
-        links: WorkerLinks,
+        pool: WorkerPool,
         settings: GatewaySettings,
         send: Callable[[Event], None],
         playout: AnswerTrack,
         latest_frame: Callable[[], av.VideoFrame | None],
     ) -> None:
-        self.links = links
+        self.pool = pool
+        self.models: dict[WorkerKind, ModelPin] = {}
+        """The model (id, sha256) this conversation uses per kind, fixed by its first job."""
+        self.llm_worker: str | None = None
+        """The LLM worker that answered last: it holds this conversation's prompt in its cache."""
+        self.failovers = 0
         self.settings = settings
         self.send = send
         self.playout = playout
@@ -130,16 +148,38 @@ class Dialog:
                 turn.mark("end_of_turn")
                 self._confirm(turn)
 
-    async def _open_stt(self, number: int) -> tuple[JobHandle, asyncio.Task[str], str] | None:
-        """A new STT job for turn ``number`` and the task reading its results; ``None`` (reported) if none can be had."""
+    def _lease(self, job: Job, tried: set[str]) -> Lease:
+        """A worker for ``job`` that serves this conversation's model and was not tried for it yet."""
+        lease = self.pool.acquire(job, model=self.models.get(job.kind), exclude=frozenset(tried))
+        tried.add(lease.worker_id)
+        self.models.setdefault(job.kind, lease.model)
+        return lease
+
+    async def _open_stt(self, turn: Turn) -> None:
+        """Open ``turn``'s STT job on the best worker not tried yet; raises :class:`NoWorker` or :class:`JobFailed`."""
+        while True:
+            lease = self._lease(Job(WorkerKind.STT), turn.stt_tried)
+            try:
+                job = await lease.client.start_job({})
+            except JobFailed as exc:
+                lease.fail(str(exc))
+                if failover.fails_over(exc.code, len(turn.stt_tried)):
+                    continue
+                raise
+            turn.stt_lease, turn.stt_job = lease, job
+            turn.workers["stt"] = lease.worker_id
+            self.open_jobs.add(job)
+            return
+
+    async def _start_stt(self, turn: Turn) -> bool:
+        """Open recognition for ``turn`` and start reading it; ``False`` (reported to the client) if no worker can."""
         try:
-            stt = self.links.pick(WorkerKind.STT)
-            job = await stt.start_job({})
+            await self._open_stt(turn)
         except (NoWorker, JobFailed) as exc:
-            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=number))
-            return None
-        self.open_jobs.add(job)
-        return job, asyncio.create_task(self._stt_results(number, job)), stt.hello.worker_id
+            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=turn.number))
+            return False
+        turn.stt_results = asyncio.create_task(self._stt_results(turn))
+        return True
 
     def _start_finishing(self, turn: Turn, event: SpeechPaused | SpeechEnded) -> None:
         turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
@@ -150,12 +190,9 @@ class Dialog:
             self._barge_in()
         self.turns += 1
         number = self.turns
-        opened = await self._open_stt(number)
-        if opened is None:
+        turn = Turn(number)
+        if not await self._start_stt(turn):
             return
-        job, results, worker_id = opened
-        turn = Turn(number, job, results)
-        turn.workers["stt"] = worker_id
         if self.settings.vision_on_turn and self.latest_frame() is not None:
             turn.vision = asyncio.create_task(self._look(number, self.latest_frame(), turn.workers))
         self.current = turn
@@ -170,16 +207,17 @@ class Dialog:
             turn.finishing.cancel()
         if self._answer is not None and self._answer_turn is turn:
             self._answer.cancel()
-        turn.stt_results.cancel()
+        if turn.stt_results is not None:
+            turn.stt_results.cancel()
         turn.held.clear()
         turn.marks.clear()
         turn.finishing = None
-        opened = await self._open_stt(turn.number)
-        if opened is None:
+        turn.input_ended = None
+        turn.stt_tried.clear()
+        if not await self._start_stt(turn):
             self.current = None
             return
-        turn.stt_job, turn.stt_results, _ = opened
-        await self._send_audio(turn, np.concatenate(turn.audio))  # replay: no sample is lost
+        await self._send_audio(turn, failover.stt_replay(turn.audio))  # replay: no sample is lost
 
     def _confirm(self, turn: Turn) -> None:
         turn.confirmed.set()
@@ -195,30 +233,65 @@ class Dialog:
             turn.held.append(event)
 
     async def _send_audio(self, turn: Turn, samples: np.ndarray) -> None:
-        try:
-            await turn.stt_job.send_audio(samples)
-        except JobFailed:
-            pass  # reported when the results are read
+        async with turn.stt_lock:
+            with contextlib.suppress(JobFailed):  # a lost worker shows in the results, which fail over
+                await turn.stt_job.send_audio(samples)
 
-    async def _stt_results(self, number: int, job: JobHandle) -> str:
-        final = ""
-        try:
-            async for event in job.events():
-                if isinstance(event, JobResult):
-                    result = SttResult.model_validate(event.data)
-                    if result.final:
-                        final = result.text
-                    else:
-                        self.send(TranscriptPartial(turn=number, text=result.text))
-        finally:
-            self.open_jobs.discard(job)
-        return final
+    async def _stt_results(self, turn: Turn) -> str:
+        """The turn's final transcript (partials go to the client); a job whose worker is lost moves to another."""
+        while True:
+            job, lease = turn.stt_job, turn.stt_lease
+            final = ""
+            try:
+                async for event in job.events():
+                    if isinstance(event, JobResult):
+                        result = SttResult.model_validate(event.data)
+                        if result.final:
+                            final = result.text
+                        else:
+                            self.send(TranscriptPartial(turn=turn.number, text=result.text))
+                if turn.input_ended is not None:
+                    lease.observe(time.monotonic() - turn.input_ended)
+                return final
+            except JobFailed as exc:
+                lease.fail(str(exc))
+                if not failover.fails_over(exc.code, len(turn.stt_tried)):
+                    raise
+                await self._move_stt(turn, exc)
+            finally:
+                lease.release()
+                self.open_jobs.discard(job)
+
+    async def _move_stt(self, turn: Turn, exc: JobFailed) -> None:
+        """Failover: the utterance so far, replayed into a job on another worker."""
+        self.failovers += 1
+        log.warning("turn %d: speech-to-text on %s failed (%s); moving it", turn.number, turn.stt_lease.worker_id, exc)
+        async with turn.stt_lock:
+            await self._open_stt(turn)
+            with contextlib.suppress(JobFailed):  # if this one fails too, its results say so
+                await turn.stt_job.send_audio(failover.stt_replay(turn.audio))
+                if turn.input_ended is not None:
+                    turn.input_ended = time.monotonic()
+                    await turn.stt_job.end()
+
+    async def _final_transcript(self, turn: Turn) -> str:
+        """Wait for the final transcript; a worker that misses the deadline is treated as stalled."""
+        deadline = self.settings.job_deadline_s
+        for _ in range(failover.MAX_WORKERS_PER_JOB):
+            try:
+                return await asyncio.wait_for(asyncio.shield(turn.stt_results), deadline)
+            except TimeoutError:
+                turn.stt_lease.fail(f"no final transcript within {deadline:g} s", stalled=True)
+        return await asyncio.wait_for(asyncio.shield(turn.stt_results), deadline)
 
     async def _finish_turn(self, turn: Turn) -> None:
+        async with turn.stt_lock:
+            turn.input_ended = time.monotonic()
+            with contextlib.suppress(JobFailed):
+                await turn.stt_job.end()
         try:
-            await turn.stt_job.end()
-            text = await asyncio.wait_for(turn.stt_results, 30)
-        except (JobFailed, TimeoutError) as exc:
+            text = await self._final_transcript(turn)
+        except (JobFailed, NoWorker, TimeoutError) as exc:
             self.send(ErrorEvent(code="stt_failed", message=str(exc) or "no final transcript", turn=turn.number))
             return
         turn.mark("stt_final")
@@ -233,18 +306,30 @@ class Dialog:
     # -- vision ---------------------------------------------------------------------
 
     async def _look(self, number: int, frame: av.VideoFrame, workers: dict[str, str] | None = None) -> VisionResult | None:
-        """OCR ``frame`` for turn ``number``; records the worker in ``workers``."""
-        try:
-            vision = self.links.pick(WorkerKind.VISION)
-            if workers is not None:
-                workers["vision"] = vision.hello.worker_id
-            image = frame.to_image()
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-            result = await vision.analyze_image(buffer.getvalue(), MediaFormat.JPEG, **VisionParams(describe=True).model_dump())
-        except (NoWorker, JobFailed) as exc:
-            log.info("vision skipped for turn %d: %s", number, exc)
-            return None
+        """OCR ``frame`` for turn ``number`` (sent again to another worker if one fails); records the worker in ``workers``."""
+        buffer = io.BytesIO()
+        frame.to_image().save(buffer, format="JPEG", quality=85)
+        tried: set[str] = set()
+        while True:
+            try:
+                lease = self._lease(Job(WorkerKind.VISION), tried)
+            except NoWorker as exc:
+                log.info("vision skipped for turn %d: %s", number, exc)
+                return None
+            started = time.monotonic()
+            try:
+                result = await lease.client.analyze_image(buffer.getvalue(), MediaFormat.JPEG, **VisionParams(describe=True).model_dump())
+            except JobFailed as exc:
+                lease.fail(str(exc))
+                if failover.fails_over(exc.code, len(tried)):
+                    continue
+                log.info("vision skipped for turn %d: %s", number, exc)
+                return None
+            lease.observe(time.monotonic() - started)
+            lease.release()
+            break
+        if workers is not None:
+            workers["vision"] = lease.worker_id
         self.send(VisionText(turn=number, text=result.text, description=result.description))
         return result
 
@@ -293,24 +378,42 @@ class Dialog:
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = asyncio.create_task(self._speak(turn, clauses))
         job: JobHandle | None = None
+        self.last_prompt = self._messages(text, seen)
+        params = LlmParams(messages=self.last_prompt, max_tokens=self.settings.max_answer_tokens)
+        chunker = ClauseChunker()
+        tokens = 0
+        tried: set[str] = set()
         try:
-            llm = self.links.pick(WorkerKind.LLM)
-            turn.workers["llm"] = llm.hello.worker_id
-            self.last_prompt = self._messages(text, seen)
-            job = await llm.start_job(LlmParams(messages=self.last_prompt, max_tokens=self.settings.max_answer_tokens))
-            self.open_jobs.add(job)
-            await job.end()
-            chunker = ClauseChunker()
-            async for event in job.events():
-                if not isinstance(event, JobResult):
-                    continue
-                piece = LlmResult.model_validate(event.data).text
-                turn.mark("first_token")
-                answer += piece
-                self._emit(turn, AnswerToken(turn=turn.number, text=piece))
-                for clause in chunker.feed(piece):
-                    turn.mark("first_clause")
-                    clauses.put_nowait(clause)
+            while True:  # one pass per worker: a lost one's answer continues on the next
+                lease = self._lease(self._llm_job(), tried)
+                turn.workers["llm"] = lease.worker_id
+                try:
+                    job = await lease.client.start_job(failover.llm_continuation(params, answer, tokens))
+                    self.open_jobs.add(job)
+                    await job.end()
+                    started = time.monotonic()
+                    async for piece in self._llm_pieces(job):
+                        if tokens == 0:
+                            lease.observe(time.monotonic() - started)
+                        tokens += 1
+                        turn.mark("first_token")
+                        answer += piece
+                        self._emit(turn, AnswerToken(turn=turn.number, text=piece))
+                        for clause in chunker.feed(piece):
+                            turn.mark("first_clause")
+                            clauses.put_nowait(clause)
+                    self.llm_worker = lease.worker_id
+                    break
+                except JobFailed as exc:
+                    lease.fail(str(exc), stalled=isinstance(exc, _Stalled))
+                    if not failover.fails_over(exc.code, len(tried)):
+                        raise
+                    self.failovers += 1
+                    log.warning("turn %d: the answer on %s failed (%s); continuing it elsewhere", turn.number, lease.worker_id, exc)
+                finally:
+                    lease.release()
+                    if job is not None:
+                        self.open_jobs.discard(job)
             for clause in chunker.flush():
                 turn.mark("first_clause")
                 clauses.put_nowait(clause)
@@ -328,37 +431,87 @@ class Dialog:
             speaker.cancel()
             self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=turn.number))
             return
-        finally:
-            if job is not None:
-                self.open_jobs.discard(job)
         await turn.confirmed.wait()
         self._remember(self.last_prompt[-1], answer)
         self.send(AnswerDone(turn=turn.number, text=answer))
         self._spawn(self._report_latency(turn))
 
-    async def _speak(self, turn: Turn, clauses: asyncio.Queue[str | None]) -> None:
-        while (clause := await clauses.get()) is not None:
-            tts = self.links.pick(WorkerKind.TTS)
-            turn.workers.setdefault("tts", tts.hello.worker_id)
-            job = await tts.start_job(TtsParams(text=clause))
-            self.open_jobs.add(job)
-            resampler: Resampler | None = None
+    def _llm_job(self) -> Job:
+        """The answer's size on each LLM worker: the whole prompt, or only its new part where it is cached."""
+        total = sum(len(m.content) for m in self.last_prompt)
+        new = len(self.last_prompt[-1].content) + (len(self.history[-1].content) if self.history else 0)
+        return Job(
+            WorkerKind.LLM,
+            size=job_size(WorkerKind.LLM, prompt_chars=total),
+            warm_worker=self.llm_worker,
+            warm_size=job_size(WorkerKind.LLM, prompt_chars=new),
+        )
+
+    async def _llm_pieces(self, job: JobHandle) -> AsyncIterator[str]:
+        """The job's text pieces; the first must come within the deadline, or the worker counts as stalled."""
+        events = aiter(job.events())
+        deadline = self.settings.job_deadline_s
+        first = True
+        while True:
             try:
-                await job.end()
-                async for event in job.events():
-                    if isinstance(event, MediaFrame):
-                        turn.mark("first_tts_audio")
-                        await turn.confirmed.wait()  # a speculative answer stays silent until the turn ends
-                        if resampler is None:
-                            resampler = Resampler(event.sample_rate, PLAYOUT_RATE)
-                        await self.playout.write(turn.number, resampler.push(np.frombuffer(event.payload, "<i2")))
-                if resampler is not None:
-                    await self.playout.write(turn.number, resampler.flush())
-            except asyncio.CancelledError:
-                self._spawn(self._cancel_job(job))
-                raise
-            finally:
-                self.open_jobs.discard(job)
+                event = await (asyncio.wait_for(anext(events), deadline) if first else anext(events))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _Stalled(f"no first token within {deadline:g} s") from None
+            if isinstance(event, JobResult):
+                first = False
+                yield LlmResult.model_validate(event.data).text
+
+    async def _speak(self, turn: Turn, clauses: asyncio.Queue[str | None]) -> None:
+        """Synthesize clause by clause; a clause whose worker fails is synthesized again elsewhere."""
+        while (clause := await clauses.get()) is not None:
+            tried: set[str] = set()
+            while True:
+                lease = self._lease(Job(WorkerKind.TTS, size=job_size(WorkerKind.TTS, text=clause)), tried)
+                turn.workers.setdefault("tts", lease.worker_id)
+                try:
+                    await self._speak_clause(turn, clause, lease)
+                    break
+                except JobFailed as exc:
+                    lease.fail(str(exc), stalled=isinstance(exc, _Stalled))
+                    if not failover.fails_over(exc.code, len(tried)):
+                        raise
+                    self.failovers += 1
+                    log.warning("turn %d: speech on %s failed (%s); the clause starts again elsewhere", turn.number, lease.worker_id, exc)
+                finally:
+                    lease.release()
+
+    async def _speak_clause(self, turn: Turn, clause: str, lease: Lease) -> None:
+        job = await lease.client.start_job(TtsParams(text=clause))
+        self.open_jobs.add(job)
+        resampler: Resampler | None = None
+        started = time.monotonic()
+        events = aiter(job.events())
+        try:
+            await job.end()
+            while True:
+                try:
+                    deadline = self.settings.job_deadline_s if resampler is None else None
+                    event = await asyncio.wait_for(anext(events), deadline)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise _Stalled(f"no audio within {self.settings.job_deadline_s:g} s") from None
+                if isinstance(event, MediaFrame):
+                    if resampler is None:
+                        lease.observe(time.monotonic() - started)
+                        resampler = Resampler(event.sample_rate, PLAYOUT_RATE)
+                    turn.mark("first_tts_audio")
+                    await turn.confirmed.wait()  # a speculative answer stays silent until the turn ends
+                    await self.playout.write(turn.number, resampler.push(np.frombuffer(event.payload, "<i2")))
+            if resampler is not None:
+                await self.playout.write(turn.number, resampler.flush())
+        except asyncio.CancelledError:
+            self._spawn(self._cancel_job(job))
+            raise
+        finally:
+            self.open_jobs.discard(job)
 
     def audio_started(self, number: int, at: float) -> None:
         """Called by the answer track when the first frame of ``number``'s answer is sent."""
@@ -410,6 +563,13 @@ class Dialog:
             with contextlib.suppress(JobFailed, Exception):
                 await job.cancel()
         self.open_jobs.clear()
+
+
+class _Stalled(JobFailed):
+    """A worker that missed a job's deadline."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, message)
 
 
 def _error_code(exc: NoWorker | JobFailed) -> str:

@@ -31,8 +31,9 @@ from websockets.http11 import Request, Response
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
 
+from .selection import POLICIES
 from .session import BadOffer, Session
-from .worker_links import WorkerLinks
+from .worker_pool import WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
 
@@ -47,7 +48,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 class Gateway:
     def __init__(self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]]) -> None:
         self.settings = settings
-        self.links = WorkerLinks(worker_urls)
+        self.pool = WorkerPool(worker_urls, policy=POLICIES[settings.selection]())
         self.sessions: dict[str, Session] = {}
         self._server: Server | None = None
         self._closing = False
@@ -57,7 +58,7 @@ class Gateway:
             allow_loopback_ice()
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
-        self.links.start()
+        self.pool.start()
         self._server = await serve(
             self._handle,
             host or self.settings.host,
@@ -74,7 +75,7 @@ class Gateway:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        await self.links.close()
+        await self.pool.close()
 
     # -- HTTP -------------------------------------------------------------------------
 
@@ -83,8 +84,8 @@ class Gateway:
         if path == "/session":
             return None  # the WebSocket handshake goes on
         if path == "/healthz":
-            ready = {kind.value: self.links.available(kind) for kind in WorkerKind}
-            body = json.dumps({"sessions": len(self.sessions), "workers": ready}).encode()
+            ready = {kind.value: self.pool.available(kind) for kind in WorkerKind}
+            body = json.dumps({"sessions": len(self.sessions), "workers": ready, "pool": self.pool.snapshot()}).encode()
             return _response(HTTPStatus.OK, body, "application/json")
         file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
         if not file.is_relative_to(WEB_ROOT) or not file.is_file():
@@ -113,7 +114,7 @@ class Gateway:
         if len(self.sessions) >= self.settings.max_sessions:
             await _refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
             return
-        session = Session(self.links, self.settings)
+        session = Session(self.pool, self.settings)
         self.sessions[session.id] = session
         try:
             try:

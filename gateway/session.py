@@ -22,7 +22,7 @@ from .dialog import Dialog
 from .events import ErrorEvent, Event, SessionReady
 from .playout import AnswerTrack
 from .turns import TurnDetector, TurnSettings
-from .worker_links import WorkerLinks
+from .worker_pool import WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
 
@@ -34,12 +34,12 @@ class BadOffer(ValueError):
 
 
 class Session:
-    def __init__(self, links: WorkerLinks, settings: GatewaySettings) -> None:
+    def __init__(self, pool: WorkerPool, settings: GatewaySettings) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.settings = settings
         self.pc = RTCPeerConnection()
         self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
-        self.dialog = Dialog(links, settings, self.send, self.answer_track, lambda: self.latest_frame)
+        self.dialog = Dialog(pool, settings, self.send, self.answer_track, lambda: self.latest_frame)
         self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms))
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0

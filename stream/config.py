@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -114,6 +114,12 @@ class GatewaySettings(_Section):
     """OCR the latest camera frame when the person starts speaking (ready by the end of the turn)."""
     vision_interval_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     """Also OCR the latest frame every this many seconds (0: only at turns)."""
+    selection: Literal["latency-aware", "round-robin", "least-loaded"] = "latency-aware"
+    """How a job's worker is chosen (``gateway/selection.py``)."""
+    job_deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+    """A worker that gives a job no first result (final transcript, token, audio) within this is stalled: the job moves."""
+    discover: bool = True
+    """Also use workers announced on the LAN by mDNS (``_edgestream._tcp``), besides ``workers``."""
 
 
 class Config(_Section):

@@ -180,6 +180,14 @@ class WorkerClient:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
 
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake (a stalled worker would not answer one).
+
+        Every open job fails at once with :class:`ConnectionLost`.
+        """
+        if self.websocket.transport is not None:
+            self.websocket.transport.abort()
+
     @property
     def closed(self) -> bool:
         return self._reader.done()

@@ -138,7 +138,7 @@ async def gateway(workers):
     _, urls = workers
     gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), urls)
     port = await gateway.start("127.0.0.1", 0)
-    await gateway.links.wait_ready(list(WorkerKind), timeout=10)
+    await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
     gateway.url = f"ws://127.0.0.1:{port}/session"
     yield gateway
     await gateway.close()

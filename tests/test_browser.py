@@ -258,7 +258,7 @@ async def test_missing_worker_kind_is_explained_and_the_session_goes_on(workers,
     port = await gateway.start("127.0.0.1", 0)
     gateway.url = f"ws://127.0.0.1:{port}/session"
     try:
-        await gateway.links.wait_ready([WorkerKind.STT], timeout=10)
+        await gateway.pool.wait_ready([WorkerKind.STT], timeout=10)
         page = await open_page(page_url(gateway), microphone=question_wav)
         await expect(page.locator('#workers li[data-up="false"]')).to_have_text("language model missing")
         await page.get_by_role("checkbox", name="Echo cancellation").uncheck()  # the test checks content

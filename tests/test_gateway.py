@@ -195,7 +195,7 @@ async def test_missing_worker_kind_is_reported_and_the_session_survives(workers,
     gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), unreachable)
     port = await gateway.start("127.0.0.1", 0)
     try:
-        await gateway.links.wait_ready([WorkerKind.STT, WorkerKind.TTS], timeout=10)
+        await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.TTS], timeout=10)
         session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
         await session.say(with_silence(speak("What is the weather like in Paris today?")), 16000)
         final = await session.wait_event("transcript.final", timeout=20)
@@ -250,7 +250,7 @@ async def test_camera_is_sampled_on_an_interval_when_configured(workers):
     gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, vision_interval_s=0.5), urls)
     port = await gateway.start("127.0.0.1", 0)
     try:
-        await gateway.links.wait_ready([WorkerKind.VISION], timeout=10)
+        await gateway.pool.wait_ready([WorkerKind.VISION], timeout=10)
         session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", camera=np.asarray(sign("OPEN 24H")), loopback_ice=True)
         first = await session.wait_event("vision", timeout=20)
         second = await session.wait_event("vision", timeout=20, after=session.events.index(first) + 1)

@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp import Llama
 
 from stream.config import LlmSettings
-from stream.protocol import WorkerKind
+from stream.protocol import ErrorCode, ProtocolError, WorkerKind
 from stream.protocol.jobs import ChatMessage, LlmParams, LlmResult
 
 from .engine import Engine
@@ -153,6 +153,12 @@ class LlmEngine(Engine):
         params: LlmParams = job.params
         loop = asyncio.get_running_loop()
         prompt, budget, dropped = await loop.run_in_executor(None, self.fit_to_context, params.messages, params.max_tokens)
+        if params.answer_prefix:
+            # Continue an answer another worker began: its text follows the generation prompt.
+            prompt = prompt + self._llm_tokenize(params.answer_prefix)
+            budget = min(budget, self.n_ctx - len(prompt))
+            if budget < 1:
+                raise ProtocolError(ErrorCode.LIMIT, "the answer so far fills the context", job.job_id)
         llm = await self._acquire(prompt)
         job.stats.update(prompt_tokens=len(prompt), prompt_tokens_reused=cached_prefix(llm, prompt), dropped_messages=dropped)
         pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by max_tokens (<= 4096)

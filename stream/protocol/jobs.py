@@ -53,6 +53,8 @@ class LlmParams(_Model):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.3
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
     seed: int | None = None
+    answer_prefix: Annotated[str, Field(max_length=16_384)] = ""
+    """The answer so far: generation continues after it (a job moved from a lost worker)."""
 
 
 class LlmResult(_Model):

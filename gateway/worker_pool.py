@@ -1,0 +1,273 @@
+"""The gateway's workers: links to them, their health, and a lease per job.
+
+Workers come from the config (static URLs) and from mDNS (``gateway/discovery.py``)
+and may join and leave at any time. For each one the pool keeps a WebSocket
+link (reconnected with backoff; a link that keeps failing backs off longer, so
+a flapping worker stays out of the way), pings it every ``ping_interval_s``
+(the RTT feeds selection; a missed deadline means the worker is stalled: its
+link is dropped, which fails its jobs over at once), and follows its load
+reports.
+
+A job asks :meth:`WorkerPool.acquire` for a :class:`Lease`: the policy
+(``gateway/selection.py``) picks among the healthy workers of the kind that
+serve the session's model and were not already tried for this job. The lease
+reports the job's timing back (``observe``), and ends with ``release`` or,
+when the worker failed it, ``fail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from stream.protocol import WorkerKind
+from stream.worker_client import WorkerClient
+
+from .selection import Job, LatencyAware, Policy, WorkerEstimate
+
+log = logging.getLogger("edgestream.gateway")
+
+ModelPin = tuple[str, str]
+"""(model id, sha256): a session keeps one model per kind."""
+
+
+class NoWorker(Exception):
+    """No healthy worker of a kind (serving the session's model) is available."""
+
+    def __init__(self, kind: WorkerKind, detail: str = "") -> None:
+        super().__init__(f"no {kind.value} worker is available{detail}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    ping_interval_s: float = 0.5
+    ping_timeout_s: float = 1.5
+    """A worker that does not answer a ping within this is stalled: its link is dropped."""
+    retry_min_s: float = 0.25
+    retry_max_s: float = 8.0
+    stable_after_s: float = 10.0
+    """A link that lived this long resets the backoff; shorter ones count as flaps."""
+    connect_timeout_s: float = 3.0
+
+
+class PooledWorker:
+    """One worker URL: its link, kept alive, and its estimate."""
+
+    def __init__(self, pool: WorkerPool, url: str, kind: WorkerKind, source: str, expect_model: ModelPin | None) -> None:
+        self.pool = pool
+        self.url = url
+        self.kind = kind
+        self.source = source
+        self.expect_model = expect_model
+        self.client: WorkerClient | None = None
+        self.estimate = WorkerEstimate(worker_id=url, kind=kind, healthy=False)
+        self.failures = 0
+        self.problem = "not connected yet"
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.estimate.worker_id
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker link {self.url}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.client is not None:
+            await self.client.close()
+
+    async def _run(self) -> None:
+        settings = self.pool.settings
+        while True:
+            connected_at = None
+            try:
+                self.client = await WorkerClient.connect(self.url, self.kind, open_timeout=settings.connect_timeout_s)
+                hello = self.client.hello
+                if self.expect_model is not None and (hello.model_id, hello.model_sha256) != self.expect_model:
+                    raise ValueError(f"serves {hello.model_id} {hello.model_sha256[:12]}, announced {self.expect_model[0]} {self.expect_model[1][:12]}")
+                connected_at = time.monotonic()
+                self.estimate.worker_id = hello.worker_id
+                self.estimate.capacity = hello.capacity
+                self.estimate.model = (hello.model_id, hello.model_sha256)
+                log.info("connected to %s worker %s at %s (%s)", self.kind.value, hello.worker_id, self.url, hello.model_id)
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, unreachable, wrong kind or model, stalled
+                self.problem = str(exc) or type(exc).__name__
+            finally:
+                self.estimate.healthy = False
+                if self.client is not None:
+                    self.client.abort()
+            if connected_at is not None and time.monotonic() - connected_at >= settings.stable_after_s:
+                self.failures = 0
+            self.failures += 1
+            delay = min(settings.retry_max_s, settings.retry_min_s * 2 ** (self.failures - 1))
+            level = logging.WARNING if connected_at is not None or self.failures == 1 else logging.DEBUG
+            log.log(level, "%s worker %s out of rotation: %s; retry in %.2g s", self.kind.value, self.url, self.problem, delay)
+            await asyncio.sleep(delay)
+
+    async def _heartbeat(self) -> None:
+        """Ping until the link is lost or a pong misses its deadline."""
+        assert self.client is not None
+        settings = self.pool.settings
+        client = self.client
+        while not client.closed:
+            try:
+                pong = await client.websocket.ping()
+                latency = await asyncio.wait_for(pong, settings.ping_timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"no pong within {settings.ping_timeout_s:g} s (stalled)") from None
+            except Exception as exc:  # the connection went away
+                raise ConnectionError(f"link lost: {exc}") from None
+            self.estimate.rtt.observe(latency, self.pool.clock())
+            if client.load is not None:
+                ours = len(self.estimate.in_flight)
+                self.estimate.others_running = max(0, client.load.running + client.load.queued - ours)
+            if not self.estimate.healthy:
+                self.estimate.healthy = True
+                self.problem = ""
+            await asyncio.sleep(settings.ping_interval_s)
+        raise ConnectionError("link lost")
+
+    def snapshot(self) -> dict[str, object]:
+        e = self.estimate
+        return {
+            "url": self.url,
+            "kind": self.kind.value,
+            "worker_id": e.worker_id,
+            "source": self.source,
+            "healthy": e.healthy,
+            "problem": self.problem or None,
+            "model": e.model[0] or None,
+            "rtt_ms": None if e.rtt.value is None else round(e.rtt.value * 1000, 2),
+            "ms_per_unit": None if e.seconds_per_unit.value is None else round(e.seconds_per_unit.value * 1000, 3),
+            "in_flight": len(e.in_flight),
+            "capacity": e.capacity,
+            "jobs": e.jobs,
+        }
+
+
+class Lease:
+    """One job's hold on one worker."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, pool: WorkerPool, member: PooledWorker, job: Job) -> None:
+        assert member.client is not None
+        self.id = next(self._ids)
+        self.pool = pool
+        self.member = member
+        self.client: WorkerClient = member.client
+        self.size = job.size_on(member.worker_id)
+        self.worker_id = member.worker_id
+        self.model = member.estimate.model
+        member.estimate.in_flight[self.id] = self.size
+        member.estimate.jobs += 1
+        self._open = True
+
+    def observe(self, seconds: float) -> None:
+        """The job's measured latency (input complete to first useful output), for the worker's estimate."""
+        estimate = self.member.estimate
+        compute = max(seconds - (estimate.rtt.value or 0.0), 1e-4)
+        estimate.seconds_per_unit.observe(compute / self.size, self.pool.clock())
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self.member.estimate.in_flight.pop(self.id, None)
+
+    def fail(self, reason: str, *, stalled: bool = False) -> None:
+        """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back)."""
+        self.release()
+        log.warning("%s worker %s failed a job: %s", self.member.kind.value, self.worker_id, reason)
+        if stalled and self.client is self.member.client and not self.client.closed:
+            self.client.abort()  # its other jobs fail over too; the link task reconnects
+
+
+class WorkerPool:
+    """All workers the gateway knows, by URL."""
+
+    def __init__(
+        self,
+        urls: dict[WorkerKind, list[str]] | None = None,
+        policy: Policy | None = None,
+        settings: PoolSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy: Policy = policy or LatencyAware()
+        self.settings = settings or PoolSettings()
+        self.clock = clock
+        self.members: dict[str, PooledWorker] = {}
+        self._started = False
+        for kind, kind_urls in (urls or {}).items():
+            for url in kind_urls:
+                self.add(url, kind, source="config")
+
+    def add(self, url: str, kind: WorkerKind, source: str = "config", expect_model: ModelPin | None = None) -> None:
+        """Start following a worker (a URL already known is left as it is)."""
+        if url in self.members:
+            return
+        member = PooledWorker(self, url, kind, source, expect_model)
+        self.members[url] = member
+        if self._started:
+            member.start()
+
+    async def remove(self, url: str) -> None:
+        """Stop using a worker (it left); its jobs fail over."""
+        member = self.members.pop(url, None)
+        if member is not None:
+            log.info("%s worker %s left", member.kind.value, url)
+            await member.close()
+
+    def start(self) -> None:
+        self._started = True
+        for member in self.members.values():
+            member.start()
+
+    async def close(self) -> None:
+        for member in list(self.members.values()):
+            await member.close()
+
+    def estimates(self) -> list[WorkerEstimate]:
+        return [m.estimate for m in self.members.values()]
+
+    def available(self, kind: WorkerKind) -> bool:
+        return any(m.kind is kind and m.estimate.healthy for m in self.members.values())
+
+    def acquire(self, job: Job, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> Lease:
+        """A lease on the worker the policy picks for ``job``; :class:`NoWorker` if none qualifies."""
+        usable = {
+            m.worker_id: m
+            for m in self.members.values()
+            if m.kind is job.kind
+            and m.estimate.healthy
+            and m.client is not None
+            and not m.client.closed
+            and m.worker_id not in exclude
+            and (model is None or m.estimate.model == model)
+        }
+        if not usable:
+            detail = f" with model {model[0]}" if model is not None and self.available(job.kind) else ""
+            raise NoWorker(job.kind, detail)
+        chosen = self.policy.choose(job, [m.estimate for m in usable.values()], self.clock())
+        return Lease(self, usable[chosen.worker_id], job)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [m.snapshot() for m in self.members.values()]
+
+    async def wait_ready(self, kinds: list[WorkerKind], timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            for kind in kinds:
+                while not self.available(kind):
+                    await asyncio.sleep(0.05)
