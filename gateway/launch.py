@@ -20,6 +20,8 @@ async def serve_gateway(config: Config) -> None:
     print(f"edgestream gateway listening on http://{host}:{port}/ (signaling ws://{host}:{port}/session)", flush=True)
     for kind, urls in config.worker_urls().items():
         print(f"  {kind.value} workers: {', '.join(urls)}", flush=True)
+    if settings.discover:
+        print("  and workers announced by mDNS (_edgestream._tcp)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

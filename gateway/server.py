@@ -52,6 +52,7 @@ class Gateway:
         self.sessions: dict[str, Session] = {}
         self._server: Server | None = None
         self._closing = False
+        self.discovery = None
         if settings.loopback_ice:
             from .loopback import allow_loopback_ice
 
@@ -59,6 +60,11 @@ class Gateway:
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         self.pool.start()
+        if self.settings.discover:
+            from .discovery import Discovery
+
+            self.discovery = Discovery(self.pool, self.settings.discover_interfaces or None)
+            await self.discovery.start()
         self._server = await serve(
             self._handle,
             host or self.settings.host,
@@ -75,6 +81,8 @@ class Gateway:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.pool.close()
 
     # -- HTTP -------------------------------------------------------------------------

@@ -209,6 +209,8 @@ class WorkerPool:
         self.settings = settings or PoolSettings()
         self.clock = clock
         self.members: dict[str, PooledWorker] = {}
+        self._flaps: dict[str, int] = {}
+        """Backoff of workers that left, kept so that one that keeps coming and going stays damped."""
         self._started = False
         for kind, kind_urls in (urls or {}).items():
             for url in kind_urls:
@@ -219,6 +221,7 @@ class WorkerPool:
         if url in self.members:
             return
         member = PooledWorker(self, url, kind, source, expect_model)
+        member.failures = self._flaps.get(url, 0)
         self.members[url] = member
         if self._started:
             member.start()
@@ -228,6 +231,7 @@ class WorkerPool:
         member = self.members.pop(url, None)
         if member is not None:
             log.info("%s worker %s left", member.kind.value, url)
+            self._flaps[url] = member.failures + 1
             await member.close()
 
     def start(self) -> None:

@@ -34,6 +34,7 @@ def worker(
     model: Annotated[Optional[str], typer.Option(help="Model path (default: the embedded model).")] = None,
     capacity: Annotated[Optional[int], typer.Option(help="Jobs run at once.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per job.")] = None,
+    announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
     from pydantic import ValidationError
@@ -42,7 +43,8 @@ def worker(
     from workers.model_files import ModelNotFound
 
     settings = _config(config).workers.for_kind(kind)
-    overrides = {k: v for k, v in dict(host=host, port=port, model=model, capacity=capacity, threads=threads).items() if v is not None}
+    options = dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce)
+    overrides = {k: v for k, v in options.items() if v is not None}
     try:
         settings = settings.model_validate({**settings.model_dump(), **overrides})
     except ValidationError as exc:
@@ -65,12 +67,13 @@ def gateway(
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
     loopback_ice: Annotated[bool, typer.Option(help="Offer 127.0.0.1 as an ICE candidate (loopback-only machines).")] = False,
+    discover: Annotated[Optional[bool], typer.Option("--discover/--no-discover", help="Use workers announced by mDNS.")] = None,
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
     from gateway.launch import run_gateway
 
     cfg = _config(config)
-    overrides = {k: v for k, v in dict(host=host, port=port).items() if v is not None}
+    overrides = {k: v for k, v in dict(host=host, port=port, discover=discover).items() if v is not None}
     if loopback_ice:
         overrides["loopback_ice"] = True
     cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})

@@ -48,6 +48,8 @@ class WorkerSettings(_Section):
     """How often a load report is pushed to each connected client."""
     worker_id: str = ""
     """Name in hello and logs; empty for ``KIND@HOST:PORT``."""
+    announce: bool = False
+    """Announce this worker on the LAN by mDNS (``_edgestream._tcp``) so gateways find it."""
 
 
 class SttSettings(WorkerSettings):
@@ -118,8 +120,10 @@ class GatewaySettings(_Section):
     """How a job's worker is chosen (``gateway/selection.py``)."""
     job_deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0
     """A worker that gives a job no first result (final transcript, token, audio) within this is stalled: the job moves."""
-    discover: bool = True
+    discover: bool = False
     """Also use workers announced on the LAN by mDNS (``_edgestream._tcp``), besides ``workers``."""
+    discover_interfaces: list[str] = []
+    """Addresses of the interfaces to browse on; empty for all."""
 
 
 class Config(_Section):
@@ -127,12 +131,18 @@ class Config(_Section):
     workers: WorkersConfig = WorkersConfig()
 
     def worker_urls(self) -> dict[WorkerKind, list[str]]:
-        """Where the gateway finds each kind: ``[gateway.workers]``, else this box's workers."""
+        """Where the gateway finds each kind: ``[gateway.workers]``, else this box's workers.
+
+        With ``discover`` on, a kind left out of ``[gateway.workers]`` has no
+        static URL: mDNS finds its workers.
+        """
         urls = {}
         for kind in WorkerKind:
             configured = self.gateway.workers.get(kind)
             if configured:
                 urls[kind] = list(configured)
+            elif self.gateway.discover:
+                continue
             else:
                 settings = self.workers.for_kind(kind)
                 host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host

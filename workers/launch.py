@@ -76,12 +76,21 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
         f"  capacity {settings.capacity}, threads {settings.threads}",
         flush=True,
     )
+    announcer = None
+    if settings.announce:
+        from .announce import Announcer
+
+        announcer = Announcer(server, settings.host, port)
+        await announcer.start()
+        print(f"  announced by mDNS on {', '.join(announcer.addresses)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print(f"edgestream {kind.value} worker: stopping", flush=True)
+    if announcer is not None:
+        await announcer.close()
     await server.close()
     engine.close()
 

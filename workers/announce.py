@@ -1,0 +1,60 @@
+"""Announce a running worker on the LAN by mDNS (zeroconf), so gateways find it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+
+import ifaddr
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+from stream.announcement import SERVICE_TYPE, properties
+
+from .server import WorkerServer
+
+log = logging.getLogger("edgestream.worker")
+
+
+def announce_addresses(host: str) -> list[str]:
+    """The addresses to publish: ``host`` itself, or every non-loopback IPv4 address when bound to all."""
+    if host not in ("0.0.0.0", "", "::"):
+        return [host]
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                found.append(ip.ip)
+    return found
+
+
+class Announcer:
+    """Publishes one worker while it runs."""
+
+    def __init__(self, server: WorkerServer, host: str, port: int) -> None:
+        self.server = server
+        self.addresses = announce_addresses(host)
+        self.port = port
+        name = re.sub(r"[^A-Za-z0-9-]+", "-", server.worker_id)[:60]
+        hello = server.hello()
+        self.info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{name}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(a) for a in self.addresses],
+            port=port,
+            properties=properties(hello.kind, hello.model_id, hello.model_sha256, hello.capacity),
+            server=f"{name}.local.",
+        )
+        self._zeroconf: AsyncZeroconf | None = None
+
+    async def start(self) -> None:
+        # Only the announced addresses' interfaces: nothing goes out elsewhere.
+        self._zeroconf = AsyncZeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
+        await self._zeroconf.async_register_service(self.info)
+        log.info("announced %s on %s", self.info.name, ", ".join(f"{a}:{self.port}" for a in self.addresses))
+
+    async def close(self) -> None:
+        if self._zeroconf is not None:
+            await self._zeroconf.async_unregister_service(self.info)
+            await self._zeroconf.async_close()
