@@ -12,8 +12,10 @@ for the job and picks the lowest::
 
 ``size`` is in the kind's unit of work (:func:`job_size`); ``seconds_per_unit``
 is learned online from the worker's own jobs as an exponentially weighted
-moving average, and relaxes back towards the kind's typical value when it has
-not been measured for a while, so a worker that was slow once gets retried.
+moving average. A worker not measured yet is assumed to be as fast as the
+fastest (so it is tried soon), and a slow estimate relaxes back towards the
+kind's typical value when it has not been refreshed for a while, so a worker
+that was slow once gets retried.
 Workers within a small margin of the best are a tie, broken at random, so that
 several gateways with the same view do not all herd onto one worker.
 
@@ -125,7 +127,7 @@ class LatencyAware:
         *,
         tie_margin: float = 0.05,
         tie_floor_s: float = 0.002,
-        relax_after_s: float = 10.0,
+        relax_after_s: float = 30.0,
     ) -> None:
         self.rng = rng or random.Random()
         self.tie_margin = tie_margin
@@ -139,16 +141,19 @@ class LatencyAware:
         typical = self.typical_seconds_per_unit(worker.kind, workers)
         measured = worker.seconds_per_unit.value
         if measured is None:
-            return typical
+            # Optimistic: a worker not measured yet is assumed as fast as the
+            # fastest one, so that it gets a job and a measurement soon.
+            known = [w.seconds_per_unit.value for w in workers if w.kind is worker.kind and w.seconds_per_unit.value is not None]
+            return min([PRIOR_SECONDS_PER_UNIT[worker.kind], *known])
         age = max(0.0, now - worker.seconds_per_unit.at)
         trust = math.exp(-age / self.relax_after_s)
         return trust * measured + (1 - trust) * min(measured, typical)
 
     @staticmethod
     def typical_seconds_per_unit(kind: WorkerKind, workers: Sequence[WorkerEstimate]) -> float:
-        """The median measured cost among workers of ``kind``, or the prior."""
+        """The (lower) median measured cost among workers of ``kind``, or the prior."""
         measured = sorted(w.seconds_per_unit.value for w in workers if w.kind is kind and w.seconds_per_unit.value is not None)
-        return measured[len(measured) // 2] if measured else PRIOR_SECONDS_PER_UNIT[kind]
+        return measured[(len(measured) - 1) // 2] if measured else PRIOR_SECONDS_PER_UNIT[kind]
 
     def predict(self, job: Job, worker: WorkerEstimate, workers: Sequence[WorkerEstimate], now: float) -> float:
         """Seconds until ``worker`` would have finished ``job`` if it got it now."""

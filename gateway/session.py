@@ -13,7 +13,7 @@ import logging
 import uuid
 
 import av
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from stream.config import GatewaySettings
@@ -37,7 +37,9 @@ class Session:
     def __init__(self, pool: WorkerPool, settings: GatewaySettings) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.settings = settings
-        self.pc = RTCPeerConnection()
+        # No ICE server unless configured: aiortc's default is a public STUN
+        # server, and nothing may leave the local network.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
         self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
         self.dialog = Dialog(pool, settings, self.send, self.answer_track, lambda: self.latest_frame)
         self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms))

@@ -35,6 +35,7 @@ def worker(
     capacity: Annotated[Optional[int], typer.Option(help="Jobs run at once.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per job.")] = None,
     announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
+    announce_address: Annotated[Optional[str], typer.Option(help="HOST:PORT to announce instead of the bound one.")] = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
     from pydantic import ValidationError
@@ -43,7 +44,7 @@ def worker(
     from workers.model_files import ModelNotFound
 
     settings = _config(config).workers.for_kind(kind)
-    options = dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce)
+    options = dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address)
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
         settings = settings.model_validate({**settings.model_dump(), **overrides})

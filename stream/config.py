@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stream.protocol import WorkerKind
 
@@ -50,6 +50,17 @@ class WorkerSettings(_Section):
     """Name in hello and logs; empty for ``KIND@HOST:PORT``."""
     announce: bool = False
     """Announce this worker on the LAN by mDNS (``_edgestream._tcp``) so gateways find it."""
+    announce_address: str = ""
+    """``HOST:PORT`` to announce instead of the bound address (behind a port forward or a relay)."""
+
+    @field_validator("announce_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
 
 
 class SttSettings(WorkerSettings):
@@ -116,6 +127,8 @@ class GatewaySettings(_Section):
     """OCR the latest camera frame when the person starts speaking (ready by the end of the turn)."""
     vision_interval_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     """Also OCR the latest frame every this many seconds (0: only at turns)."""
+    ice_servers: list[str] = []
+    """STUN/TURN URLs on your network for the gateway's ICE (none by default: nothing leaves the LAN)."""
     selection: Literal["latency-aware", "round-robin", "least-loaded"] = "latency-aware"
     """How a job's worker is chosen (``gateway/selection.py``)."""
     job_deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0

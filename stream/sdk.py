@@ -36,7 +36,7 @@ from typing import Any
 import av
 import numpy as np
 import websockets
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import FrameClock, Resampler, audio_frame
@@ -119,7 +119,9 @@ class GatewaySession:
     """One conversation with a gateway. Create with :meth:`connect`."""
 
     def __init__(self) -> None:
-        self.pc = RTCPeerConnection()
+        # No ICE servers: aiortc's default is a public STUN server, and the
+        # gateway is on the local network.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.microphone = MicrophoneTrack()
         self.camera: CameraTrack | None = None
         self.session_id = ""

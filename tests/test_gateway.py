@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import websockets
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from gateway.server import Gateway
 from stream.audio import rms_dbfs
@@ -154,7 +154,7 @@ async def test_malformed_offer_is_refused_clearly(gateway, workers, speak, messa
 
 
 async def test_client_that_never_completes_ice_is_timed_out(gateway, workers, speak):
-    pc = RTCPeerConnection()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no public STUN server
     pc.addTransceiver("audio")
     await pc.setLocalDescription(await pc.createOffer())
     sdp = pc.localDescription.sdp

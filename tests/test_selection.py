@@ -62,24 +62,27 @@ def test_a_worker_holding_the_context_is_cheaper_for_the_llm():
     assert LatencyAware().choose(job, [cold, warm], 0.0).worker_id == "cold"
 
 
-def test_an_unmeasured_worker_is_assumed_typical_and_gets_tried():
-    measured = [worker("a", per_unit=0.05), worker("b", per_unit=0.05)]
-    new = worker("new", per_unit=None)
+def test_an_unmeasured_worker_is_assumed_fast_and_gets_tried():
+    measured = [worker("a", per_unit=0.03), worker("b", per_unit=0.2)]
+    new = worker("new", per_unit=None, rtt=0.0005)
     policy = LatencyAware()
-    assert policy.seconds_per_unit(new, [*measured, new], 0.0) == pytest.approx(0.05)
+    assert policy.seconds_per_unit(new, [*measured, new], 0.0) == pytest.approx(0.03)  # the fastest measured
     assert "new" in picks(LatencyAware(random.Random(2)), Job(STT), [*measured, new])
+    # Even when the only measured worker is slow, a newcomer is tried at once.
+    slow = worker("slow", per_unit=0.5)
+    assert policy.choose(Job(STT), [slow, new], 0.0).worker_id == "new"
     alone = worker("alone", per_unit=None)
     assert policy.seconds_per_unit(alone, [alone], 0.0) == PRIOR_SECONDS_PER_UNIT[STT]
 
 
 def test_a_slow_estimate_relaxes_with_age_so_a_recovered_worker_is_retried():
-    policy = LatencyAware(relax_after_s=10.0)
+    policy = LatencyAware(relax_after_s=10.0)  # relaxed fully after 100 s
     slow = worker("slow", per_unit=0.2, at=0.0)
     others = [worker("a", per_unit=0.05, at=100.0), worker("b", per_unit=0.05, at=100.0)]
     fresh = policy.seconds_per_unit(slow, [slow, *others], now=0.0)
     stale = policy.seconds_per_unit(slow, [slow, *others], now=100.0)
     assert fresh == pytest.approx(0.2) and stale == pytest.approx(0.05, rel=0.01)
-    assert "slow" in picks(LatencyAware(random.Random(4)), Job(STT), [slow, *others], now=100.0)
+    assert "slow" in picks(LatencyAware(random.Random(4), relax_after_s=10.0), Job(STT), [slow, *others], now=100.0)
     # A fast estimate does not decay upwards.
     fast = worker("fast", per_unit=0.01, at=0.0)
     assert policy.seconds_per_unit(fast, [fast, *others], now=100.0) == pytest.approx(0.01)

@@ -80,9 +80,13 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
     if settings.announce:
         from .announce import Announcer
 
-        announcer = Announcer(server, settings.host, port)
+        host, announced_port = settings.host, port
+        if settings.announce_address:
+            host, _, text = settings.announce_address.rpartition(":")
+            announced_port = int(text)
+        announcer = Announcer(server, host, announced_port)
         await announcer.start()
-        print(f"  announced by mDNS on {', '.join(announcer.addresses)}", flush=True)
+        print(f"  announced by mDNS as {', '.join(announcer.addresses)} port {announced_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
