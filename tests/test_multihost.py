@@ -1,0 +1,231 @@
+"""The gateway and its workers as separate hosts: Linux network namespaces on a bridge.
+
+Each process runs in its own namespace with its own address; the gateway finds
+the workers by mDNS across the bridge. One STT worker is near, the other sits
+behind a relay that adds 40 ms to each round trip (no netem on this kernel).
+The test process (the client, over real WebRTC) has the bridge's first address.
+A slowed box is made with SIGSTOP/SIGCONT duty cycling (a test double for a 4x
+slower machine); a dying worker is ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from stream.sdk import GatewaySession
+from tests import netns
+from tests.conftest import with_silence, word_error_rate
+
+pytestmark = pytest.mark.skipif(netns.available() is not None, reason=netns.available() or "")
+
+GATEWAY_PORT = 8080
+WORKER_PORT = 8701
+RELAY_DELAY_MS = 20  # each way: 40 ms round trip
+PYTHON = sys.executable
+QUESTIONS = ["What is two plus two?", "What color is the sky?", "Name a big city in France."]
+
+
+async def read_until(process: asyncio.subprocess.Process, marker: bytes, timeout: float) -> str:
+    seen = b""
+    async with asyncio.timeout(timeout):
+        while marker not in seen:
+            line = await process.stdout.readline()
+            if not line:
+                raise AssertionError(f"process exited before {marker!r}:\n{seen.decode(errors='replace')}")
+            seen += line
+    return seen.decode(errors="replace")
+
+
+@dataclass
+class System:
+    lan: netns.Lan
+    logs: Path
+    argv: dict[str, list[str]] = field(default_factory=dict)
+    process: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://{self.lan.hosts['gw'].address}:{GATEWAY_PORT}/session"
+
+    def worker_id(self, role: str) -> str:
+        kind = role.rstrip("0123456789")
+        port = WORKER_PORT + 1 if role == "stt2" else WORKER_PORT  # stt2 listens behind its relay
+        return f"{kind}@{self.lan.hosts[role].address}:{port}"
+
+    async def start_worker(self, role: str) -> None:
+        host = self.lan.hosts[role]
+        await read_until(await self._spawn(role, self.argv[role]), b"announced by mDNS", timeout=240)
+
+    async def _spawn(self, role: str, argv: list[str]) -> asyncio.subprocess.Process:
+        process = await self.lan.hosts[role].spawn(*argv, log=self.logs / f"{role}.log")
+        self.process[role] = process
+        return process
+
+    async def pool(self) -> dict[str, dict]:
+        """The gateway's view of its workers (``/healthz``), by worker id."""
+        reader, writer = await asyncio.open_connection(self.lan.hosts["gw"].address, GATEWAY_PORT)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        body = (await reader.read()).split(b"\r\n\r\n", 1)[1]
+        writer.close()
+        return {row["worker_id"]: row for row in json.loads(body)["pool"]}
+
+    async def wait_healthy(self, roles: list[str], timeout: float = 60) -> dict[str, dict]:
+        async with asyncio.timeout(timeout):
+            while True:
+                pool = await self.pool()
+                if all(pool.get(self.worker_id(r), {}).get("healthy") for r in roles):
+                    return pool
+                await asyncio.sleep(0.2)
+
+    async def busy_worker(self, kind: str, timeout: float = 10) -> str | None:
+        """The role of the ``kind`` worker with a job in flight now, if one shows up in time."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while True:
+                    pool = await self.pool()
+                    for role in self.lan.hosts:
+                        if role.startswith(kind) and pool.get(self.worker_id(role), {}).get("in_flight"):
+                            return role
+                    await asyncio.sleep(0.01)
+        return None
+
+
+WORKER_ROLES = ["stt1", "stt2", "llm1", "llm2", "tts1", "tts2"]
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def system(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("multihost")
+    lan = netns.Lan()
+    try:
+        lan.up()
+        gw = lan.add_host("gw")
+        for role in WORKER_ROLES:
+            lan.add_host(role)
+        system = System(lan, logs)
+        for role in WORKER_ROLES:
+            host = lan.hosts[role]
+            kind = role.rstrip("0123456789")
+            argv = [PYTHON, "-m", "stream", "worker", kind, "--host", host.address, "--capacity", "1", "--threads", "1", "--announce"]
+            if role == "stt2":  # the far one: listens on the next port, announced at the relay's
+                argv += ["--port", str(WORKER_PORT + 1), "--announce-address", f"{host.address}:{WORKER_PORT}"]
+                relay = await host.spawn(
+                    PYTHON, "tests/delay_relay.py", "--listen", f"{host.address}:{WORKER_PORT}",
+                    "--target", f"{host.address}:{WORKER_PORT + 1}", "--delay-ms", str(RELAY_DELAY_MS),
+                )
+                await read_until(relay, b"relay", timeout=30)
+            else:
+                argv += ["--port", str(WORKER_PORT)]
+            system.argv[role] = argv
+        await asyncio.gather(*(system.start_worker(role) for role in WORKER_ROLES))
+        config = logs / "gateway.toml"
+        config.write_text(
+            "[gateway]\n"
+            f'host = "{gw.address}"\nport = {GATEWAY_PORT}\n'
+            f'discover = true\ndiscover_interfaces = ["{gw.address}"]\n'
+            "max_answer_tokens = 40\njob_deadline_s = 3.0\n"
+        )
+        gateway = await system._spawn("gw", [PYTHON, "-m", "stream", "gateway", "--config", str(config)])
+        await read_until(gateway, b"listening", timeout=60)
+        await system.wait_healthy(WORKER_ROLES, timeout=60)
+        yield system
+    finally:
+        await lan.close()
+
+
+async def ask(session: GatewaySession, speak, question: str, turn: int) -> dict:
+    """Speak a question and wait for its whole turn; the latency event names the workers."""
+    await session.say(with_silence(speak(question), after_s=0.0), 16000)
+    await session.say(np.zeros(8000, np.int16), 16000)
+    await session.wait_event("answer.done", timeout=60, turn=turn)
+    return await session.wait_event("latency", timeout=30, turn=turn)
+
+
+async def test_workers_found_by_mdns_near_idle_one_chosen_and_traffic_leaves_a_slowed_box(system, speak):
+    pool = await system.wait_healthy(WORKER_ROLES)
+    assert {row["source"] for row in pool.values()} == {"mdns"}
+    near, far = pool[system.worker_id("stt1")], pool[system.worker_id("stt2")]
+    assert far["rtt_ms"] >= 1.5 * RELAY_DELAY_MS and near["rtt_ms"] < RELAY_DELAY_MS, (near, far)
+
+    session = await GatewaySession.connect(system.gateway_url)
+    throttle: asyncio.Task | None = None
+    try:
+        turn = 0
+        before = []
+        for question in QUESTIONS:
+            turn += 1
+            before.append((await ask(session, speak, question, turn))["workers"]["stt"])
+        assert Counter(before)[system.worker_id("stt1")] == len(before), before  # the near one, while both are idle
+
+        # The near box becomes 4x slower: stopped 3/4 of the time.
+        throttle = asyncio.create_task(duty_cycle(system.process["stt1"].pid, stopped_s=0.045, running_s=0.015))
+        after = []
+        for question in QUESTIONS * 2:
+            turn += 1
+            after.append((await ask(session, speak, question, turn))["workers"]["stt"])
+        assert Counter(after[-3:])[system.worker_id("stt2")] >= 2, after  # traffic moved to the far, fast one
+        assert not any(e["type"] == "error" for e in session.events)
+    finally:
+        if throttle is not None:
+            throttle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await throttle
+        os.kill(system.process["stt1"].pid, signal.SIGCONT)
+        await session.close()
+
+
+async def duty_cycle(pid: int, stopped_s: float, running_s: float) -> None:
+    try:
+        while True:
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(stopped_s)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(running_s)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_no_turn_is_lost_when_worker_processes_are_killed_mid_turn(system, speak):
+    await system.wait_healthy(WORKER_ROLES)
+    question = "Please tell me a short story about a brave little dragon."
+    session = await GatewaySession.connect(system.gateway_url)
+    kills: list[str] = []
+    try:
+        for turn, kind in enumerate(["stt", "llm", "tts", "stt", "llm", "tts"], start=1):
+            after = len(session.events)
+            spoken = session.microphone.queue(with_silence(speak(question), after_s=0.8), 16000)
+            moment = {"stt": "transcript.partial", "llm": "answer.token", "tts": "answer.token"}[kind]
+            await session.wait_event(moment, timeout=60, after=after)
+            victim = await system.busy_worker(kind)
+            if victim is not None:
+                system.process[victim].kill()  # kill -9, mid-turn
+                kills.append(victim)
+            await spoken
+            final = await session.wait_event("transcript.final", timeout=60, turn=turn)
+            assert word_error_rate(question, final["text"]) <= 0.35, (kind, final)
+            done = await session.wait_event("answer.done", timeout=60, turn=turn)
+            assert done["text"].strip() and not done["interrupted"], (kind, done)
+            await session.wait_event("latency", timeout=30, turn=turn)
+            errors = [e for e in session.events[after:] if e["type"] == "error"]
+            assert not errors, (kind, errors)
+            if victim is not None:  # the box comes back, and rejoins by itself
+                await system.process[victim].wait()
+                await system.start_worker(victim)
+                await system.wait_healthy(WORKER_ROLES, timeout=60)
+        assert len(kills) >= 4, kills  # most kills landed mid-job (a job can finish before it is seen)
+        assert {role.rstrip("12") for role in kills} == {"stt", "llm", "tts"}, kills
+    finally:
+        await session.close()
