@@ -128,6 +128,19 @@ def bench_workers(
     asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config)))
 
 
+@bench_app.command("selection")
+def bench_selection(
+    loads: Annotated[str, typer.Option(help="Offered loads, as fractions of the workers' total capacity.")] = "0.3,0.5,0.7",
+    jobs: Annotated[int, typer.Option(help="Jobs per policy and load.")] = 200,
+    repeats: Annotated[int, typer.Option(help="Runs per policy and load (figures are medians over them).")] = 3,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-selection.json"),
+) -> None:
+    """Worker selection on heterogeneous STT workers (one 4x slower, one 40 ms away): p50/p95 per policy and load."""
+    from gateway.selection_bench import run_selection_bench
+
+    asyncio.run(run_selection_bench([float(x) for x in loads.split(",")], jobs, repeats, out))
+
+
 @bench_app.command("voice")
 def bench_voice(
     turns: Annotated[int, typer.Option(help="Turns to measure (after one warm-up turn).")] = 10,

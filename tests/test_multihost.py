@@ -122,7 +122,7 @@ async def system(tmp_path_factory):
             if role == "stt2":  # the far one: listens on the next port, announced at the relay's
                 argv += ["--port", str(WORKER_PORT + 1), "--announce-address", f"{host.address}:{WORKER_PORT}"]
                 relay = await host.spawn(
-                    PYTHON, "tests/delay_relay.py", "--listen", f"{host.address}:{WORKER_PORT}",
+                    PYTHON, "-m", "stream.delay_relay", "--listen", f"{host.address}:{WORKER_PORT}",
                     "--target", f"{host.address}:{WORKER_PORT + 1}", "--delay-ms", str(RELAY_DELAY_MS),
                 )
                 await read_until(relay, b"relay", timeout=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import websockets
@@ -145,10 +146,12 @@ class WorkerServer:
         """Wait for a slot, run the job on the engine, account for it."""
         self.queued += 1
         waiting = True
+        since = time.perf_counter()
         try:
             async with self._slots:
                 self.queued -= 1
                 waiting = False
+                job.stats["queued_s"] = round(time.perf_counter() - since, 4)
                 self.running += 1
                 try:
                     await self.engine.run(job)

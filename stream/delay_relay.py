@@ -1,9 +1,9 @@
-"""A far link for tests: a TCP relay that holds every chunk for a while in each direction.
+"""A far link for tests and benchmarks: a TCP relay that holds every chunk for a while in each direction.
 
-This kernel has no ``netem``, so propagation delay is made here instead (a test
-double for distance). ``--delay-ms 20`` adds 40 ms to every round trip.
+Kernels without ``netem`` cannot add propagation delay, so it is made here (a
+stand-in for distance). ``--delay-ms 20`` adds 40 ms to every round trip.
 
-    python tests/delay_relay.py --listen 198.18.7.4:8701 --target 198.18.7.4:8702 --delay-ms 20
+    python -m stream.delay_relay --listen 198.18.7.4:8701 --target 198.18.7.4:8702 --delay-ms 20
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             writer.close()
 
 
-async def main(listen: str, target: str, delay_s: float) -> None:
-    target_host, target_port = target.rsplit(":", 1)
+async def start_relay(listen_host: str, listen_port: int, target_host: str, target_port: int, delay_s: float) -> asyncio.Server:
+    """Listen on ``listen_host:listen_port`` (0: any port) and relay each connection to the target, delayed."""
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
@@ -53,8 +53,13 @@ async def main(listen: str, target: str, delay_s: float) -> None:
             pump(client_reader, server_writer, delay_s), pump(server_reader, client_writer, delay_s), return_exceptions=True
         )
 
+    return await asyncio.start_server(relay, listen_host, listen_port)
+
+
+async def main(listen: str, target: str, delay_s: float) -> None:
     host, port = listen.rsplit(":", 1)
-    server = await asyncio.start_server(relay, host, int(port))
+    target_host, target_port = target.rsplit(":", 1)
+    server = await start_relay(host, int(port), target_host, int(target_port), delay_s)
     print(f"relay {listen} -> {target} holding {delay_s * 1000:g} ms each way", flush=True)
     async with server:
         await server.serve_forever()
