@@ -553,7 +553,7 @@ class Dialog:
         """Stop everything of this conversation and cancel its jobs on the workers."""
         if self._answer is not None:
             self._answer.cancel()
-        if self.current is not None:
+        if self.current is not None and self.current.stt_results is not None:
             self.current.stt_results.cancel()
             if self.current.vision is not None:
                 self.current.vision.cancel()

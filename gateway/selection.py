@@ -8,7 +8,7 @@ estimates and names a worker for one job.
 for the job and picks the lowest::
 
     finish = RTT + queueing + size / service rate
-           = rtt + seconds_per_unit * (size + work already on the worker / capacity)
+           = rtt + (work still to do on the worker) / capacity + seconds_per_unit * size
 
 ``size`` is in the kind's unit of work (:func:`job_size`); ``seconds_per_unit``
 is learned online from the worker's own jobs as an exponentially weighted
@@ -70,16 +70,27 @@ class WorkerEstimate:
     healthy: bool = True
     rtt: Ewma = field(default_factory=lambda: Ewma(0.3))
     seconds_per_unit: Ewma = field(default_factory=lambda: Ewma(0.3))
-    in_flight: dict[int, float] = field(default_factory=dict)
-    """Work (in units) of the jobs this gateway has open on the worker, by lease id."""
+    in_flight: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """(size in units, start time) of the jobs this gateway has open on the worker, by lease id."""
     others_running: int = 0
     """Jobs other clients (other gateways) run on it, from its load reports."""
     jobs: int = 0
     """Jobs sent to it so far."""
 
-    def work_ahead(self, typical_size: float) -> float:
-        """Units of work already on the worker: ours exactly, other clients' at a typical size."""
-        return sum(self.in_flight.values()) + self.others_running * typical_size
+    def seconds_ahead(self, seconds_per_unit: float, now: float, typical_size: float) -> float:
+        """Compute time still owed to the jobs already on the worker.
+
+        Ours are known: the oldest ``capacity`` of them are running (jobs start
+        in order), and the time they have run is subtracted from their cost.
+        Other clients' jobs count at a typical size.
+        """
+        owed = 0.0
+        for position, (size, started) in enumerate(sorted(self.in_flight.values(), key=lambda job: job[1])):
+            cost = seconds_per_unit * size
+            if position < self.capacity:
+                cost = max(0.0, cost - (now - started))
+            owed += cost
+        return owed + self.others_running * seconds_per_unit * typical_size
 
 
 @dataclass(frozen=True)
@@ -158,8 +169,8 @@ class LatencyAware:
     def predict(self, job: Job, worker: WorkerEstimate, workers: Sequence[WorkerEstimate], now: float) -> float:
         """Seconds until ``worker`` would have finished ``job`` if it got it now."""
         per_unit = self.seconds_per_unit(worker, workers, now)
-        ahead = worker.work_ahead(typical_size=job.size)
-        return (worker.rtt.value or 0.0) + per_unit * (job.size_on(worker.worker_id) + ahead / worker.capacity)
+        ahead = worker.seconds_ahead(per_unit, now, typical_size=job.size)
+        return (worker.rtt.value or 0.0) + ahead / worker.capacity + per_unit * job.size_on(worker.worker_id)
 
     def choose(self, job: Job, workers: Sequence[WorkerEstimate], now: float) -> WorkerEstimate:
         candidates = eligible(workers, job)

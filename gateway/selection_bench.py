@@ -38,7 +38,14 @@ from workers.job import Job as WorkerJob
 from workers.model_files import ModelFile
 from workers.server import WorkerServer
 
-from .selection import Job, LatencyAware, LeastLoaded, Policy, RoundRobin, WorkerEstimate
+from .selection import (
+    Job,
+    LatencyAware,
+    LeastLoaded,
+    Policy,
+    RoundRobin,
+    WorkerEstimate,
+)
 from .worker_pool import PoolSettings, WorkerPool
 
 SECONDS_PER_AUDIO_SECOND = 0.02
@@ -187,7 +194,9 @@ async def run_selection_bench(loads: list[float], jobs: int, repeats: int, out: 
     for repeat in range(repeats):
         for load in loads:
             for name in policies:  # same seed per load and repeat: the same arrivals for every policy
-                runs.append(await run_level(name, load, jobs, seed=1000 * repeat + int(load * 100)))
+                run = await run_level(name, load, jobs, seed=1000 * repeat + int(load * 100))
+                runs.append(run)
+                print(f"  run {repeat + 1}/{repeats} load {load:.2f} {name:>13}: p50 {run['p50_ms']:7.1f} ms  p95 {run['p95_ms']:7.1f} ms  {run['placed']}", flush=True)
     summary = []
     for load in loads:
         row: dict[str, object] = {"load": load}

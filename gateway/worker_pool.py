@@ -172,7 +172,7 @@ class Lease:
         self.size = job.size_on(member.worker_id)
         self.worker_id = member.worker_id
         self.model = member.estimate.model
-        member.estimate.in_flight[self.id] = self.size
+        member.estimate.in_flight[self.id] = (self.size, pool.clock())
         member.estimate.jobs += 1
         self._open = True
 

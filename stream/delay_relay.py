@@ -49,9 +49,10 @@ async def start_relay(listen_host: str, listen_port: int, target_host: str, targ
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(
-            pump(client_reader, server_writer, delay_s), pump(server_reader, client_writer, delay_s), return_exceptions=True
-        )
+        with contextlib.suppress(asyncio.CancelledError):  # the relay is shutting down
+            await asyncio.gather(
+                pump(client_reader, server_writer, delay_s), pump(server_reader, client_writer, delay_s), return_exceptions=True
+            )
 
     return await asyncio.start_server(relay, listen_host, listen_port)
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,10 +42,14 @@ class Host:
     """Namespace name."""
     address: str
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    logs: list[BinaryIO] = field(default_factory=list)
 
     async def spawn(self, *argv: str, log: Path | None = None) -> asyncio.subprocess.Process:
         """Run a command "on" this host; stdout is piped, stderr goes to ``log``."""
-        stderr = open(log, "ab") if log is not None else asyncio.subprocess.DEVNULL  # noqa: SIM115 (the process owns it)
+        stderr: BinaryIO | int = asyncio.subprocess.DEVNULL
+        if log is not None:
+            stderr = open(log, "ab")  # noqa: SIM115, ASYNC230 (closed in Lan.close)
+            self.logs.append(stderr)
         process = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", self.name, *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO
         )
@@ -91,7 +96,9 @@ class Lan:
                     process.kill()
                     await process.wait()
         for host in self.hosts.values():
-            subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
+            for file in host.logs:
+                file.close()
+            subprocess.run(["ip", "netns", "del", host.name], capture_output=True, check=False)  # noqa: ASYNC221 (teardown)
         for veth in self._veths:
-            subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)  # noqa: ASYNC221
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)  # noqa: ASYNC221

@@ -65,7 +65,6 @@ class System:
         return f"{kind}@{self.lan.hosts[role].address}:{port}"
 
     async def start_worker(self, role: str) -> None:
-        host = self.lan.hosts[role]
         await read_until(await self._spawn(role, self.argv[role]), b"announced by mDNS", timeout=240)
 
     async def _spawn(self, role: str, argv: list[str]) -> asyncio.subprocess.Process:
@@ -229,3 +228,42 @@ async def test_no_turn_is_lost_when_worker_processes_are_killed_mid_turn(system,
         assert {role.rstrip("12") for role in kills} == {"stt", "llm", "tts"}, kills
     finally:
         await session.close()
+
+
+async def test_a_stalled_worker_loses_its_job_and_comes_back(system, speak):
+    """A worker that stops answering (SIGSTOP) mid-answer: the answer moves on; once resumed, it rejoins."""
+    await system.wait_healthy(WORKER_ROLES)
+    session = await GatewaySession.connect(system.gateway_url)
+    stalled = None
+    try:
+        await session.say(with_silence(speak("Please tell me a short story about a brave little dragon."), after_s=0.8), 16000)
+        await session.wait_event("answer.token", timeout=60, turn=1)
+        stalled = await system.busy_worker("llm")
+        assert stalled is not None
+        os.kill(system.process[stalled].pid, signal.SIGSTOP)  # alive, connected, silent
+        done = await session.wait_event("answer.done", timeout=60, turn=1)
+        assert done["text"].strip() and not done["interrupted"]
+        assert not any(e["type"] == "error" for e in session.events)
+        pool = await system.pool()
+        assert not pool[system.worker_id(stalled)]["healthy"]  # out of rotation while stalled
+        os.kill(system.process[stalled].pid, signal.SIGCONT)
+        stalled = None
+        await system.wait_healthy(WORKER_ROLES, timeout=60)  # back once it answers again
+    finally:
+        if stalled is not None:
+            os.kill(system.process[stalled].pid, signal.SIGCONT)
+        await session.close()
+
+
+async def test_a_worker_that_stops_cleanly_leaves_the_pool_and_rejoins(system):
+    """SIGTERM: the worker withdraws its mDNS announcement and the gateway drops it; started again, it is back."""
+    await system.wait_healthy(WORKER_ROLES)
+    leaving = system.worker_id("tts2")
+    system.process["tts2"].send_signal(signal.SIGTERM)
+    assert await system.process["tts2"].wait() == 0
+    async with asyncio.timeout(30):
+        while leaving in await system.pool():
+            await asyncio.sleep(0.2)
+    await system.start_worker("tts2")
+    pool = await system.wait_healthy(WORKER_ROLES, timeout=60)
+    assert pool[leaving]["source"] == "mdns"

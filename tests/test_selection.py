@@ -7,7 +7,14 @@ from collections import Counter
 
 import pytest
 
-from gateway.selection import PRIOR_SECONDS_PER_UNIT, Job, LatencyAware, LeastLoaded, RoundRobin, WorkerEstimate
+from gateway.selection import (
+    PRIOR_SECONDS_PER_UNIT,
+    Job,
+    LatencyAware,
+    LeastLoaded,
+    RoundRobin,
+    WorkerEstimate,
+)
 from stream.protocol import WorkerKind
 
 STT = WorkerKind.STT
@@ -19,7 +26,7 @@ def worker(name: str, *, rtt: float = 0.001, per_unit: float | None = 0.05, at: 
     w.rtt.observe(rtt, at)
     if per_unit is not None:
         w.seconds_per_unit.observe(per_unit, at)
-    w.in_flight = dict(in_flight or {})
+    w.in_flight = {lease: (size, 0.0) for lease, size in (in_flight or {}).items()}  # all started at time 0
     return w
 
 
@@ -42,7 +49,7 @@ def test_queueing_moves_work_to_a_slower_idle_worker():
     busy = worker("busy", per_unit=0.05, capacity=1, in_flight={1: 1.0, 2: 1.0, 3: 1.0})  # 0.05 * (1 + 3) = 0.2 s
     idle = worker("idle", per_unit=0.10, capacity=1)  # 0.1 s
     assert LatencyAware().choose(Job(STT), [busy, idle], 0.0).worker_id == "idle"
-    busy.in_flight = {1: 1.0}  # 0.05 * 2 = 0.1 s: now a tie, either may win
+    busy.in_flight = {1: (1.0, 0.0)}  # 0.05 * 2 = 0.1 s: now a tie, either may win
     assert set(picks(LatencyAware(random.Random(3)), Job(STT), [busy, idle])) == {"busy", "idle"}
 
 
@@ -58,7 +65,7 @@ def test_a_worker_holding_the_context_is_cheaper_for_the_llm():
     job = Job(WorkerKind.LLM, size=600, warm_worker="warm", warm_size=30)
     assert picks(LatencyAware(random.Random(1)), job, [cold, warm]) == {"warm": 200}
     # Unless the warm one is far busier than re-evaluating the prompt elsewhere costs.
-    warm.in_flight = {1: 600.0, 2: 600.0, 3: 600.0}
+    warm.in_flight = {1: (600.0, 0.0), 2: (600.0, 0.0), 3: (600.0, 0.0)}
     assert LatencyAware().choose(job, [cold, warm], 0.0).worker_id == "cold"
 
 
@@ -100,9 +107,23 @@ def test_round_robin_cycles_and_least_loaded_counts_jobs():
     workers = [worker("a"), worker("b", rtt=1.0), worker("c", per_unit=5.0)]
     rr = RoundRobin()
     assert [rr.choose(Job(STT), workers, 0).worker_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
-    workers[0].in_flight = {1: 1.0}
+    workers[0].in_flight = {1: (1.0, 0.0)}
     workers[1].others_running = 1
     assert LeastLoaded().choose(Job(STT), workers, 0).worker_id == "c"  # blind to its speed
+
+
+def test_time_already_run_is_not_counted_again():
+    policy = LatencyAware(random.Random(1))
+    half_done = worker("half-done", per_unit=0.1, capacity=1)
+    half_done.in_flight = {1: (1.0, 0.0)}  # a 0.1 s job that started at 0
+    fresh = worker("fresh", per_unit=0.1, capacity=1)
+    fresh.in_flight = {2: (1.0, 0.09)}  # the same job, started just now
+    assert policy.predict(Job(STT), half_done, [half_done, fresh], now=0.09) == pytest.approx(0.001 + 0.01 + 0.1)
+    assert policy.predict(Job(STT), fresh, [half_done, fresh], now=0.09) == pytest.approx(0.001 + 0.1 + 0.1)
+    assert policy.choose(Job(STT), [half_done, fresh], now=0.09).worker_id == "half-done"
+    # Queued behind the running one, a job owes its whole cost.
+    half_done.in_flight[3] = (1.0, 0.05)
+    assert policy.predict(Job(STT), half_done, [half_done], now=0.09) == pytest.approx(0.001 + 0.01 + 0.1 + 0.1)
 
 
 def test_other_gateways_jobs_count_as_queueing():
