@@ -131,9 +131,9 @@ class PooledWorker:
             except Exception as exc:  # the connection went away
                 raise ConnectionError(f"link lost: {exc}") from None
             self.estimate.rtt.observe(latency, self.pool.clock())
-            if client.load is not None:
-                ours = len(self.estimate.in_flight)
-                self.estimate.others_running = max(0, client.load.running + client.load.queued - ours)
+            if client.load is not None:  # other clients' jobs, as of the last report
+                load = client.load
+                self.estimate.others_running = max(0, load.running + load.queued - load.own_jobs)
             if not self.estimate.healthy:
                 self.estimate.healthy = True
                 self.problem = ""

@@ -326,6 +326,16 @@ async def test_sdk_sends_speech_and_frames_and_closes(gateway, open_page, speak)
     await wait_until(lambda: result["sessionId"] not in gateway.sessions, timeout=15)
 
 
+async def test_sdk_example_page_sends_its_view_as_the_camera(bare_gateway, open_page, question_wav):
+    page = await open_page(page_url(bare_gateway, "example.html"), microphone=question_wav)
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.get_by_role("log")).to_contain_text("session.ready")
+    await wait_until(lambda: any(s.video_frames >= 3 for s in bare_gateway.sessions.values()), timeout=20)
+    await page.get_by_role("button", name="Close").click()
+    await expect(page.get_by_role("log")).to_contain_text("closed")
+    await wait_until(lambda: not bare_gateway.sessions, timeout=15)
+
+
 # -- accessible basics and a phone-sized screen ---------------------------------------------
 
 

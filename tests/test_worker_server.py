@@ -95,6 +95,18 @@ async def test_load_reports_are_pushed_periodically(start_worker, connect):
     assert stt.load.rate_unit == "audio_s" and stt.load.capacity == 2
 
 
+async def test_a_load_report_tells_a_client_its_own_jobs_from_others(start_worker, connect):
+    server, url = await start_worker(WorkerKind.STT, capacity=3)
+    mine, theirs = await connect(url), await connect(url)
+    await mine.start_job({})
+    await theirs.start_job({})
+    await theirs.start_job({})
+    await wait_until(lambda: server.running == 3)
+    load = await mine.request_load()
+    assert (load.running, load.own_jobs) == (3, 1)
+    assert (await theirs.request_load()).own_jobs == 2
+
+
 async def test_service_rate_is_measured(start_worker, connect, speak):
     server, url = await start_worker(WorkerKind.STT)
     stt = await connect(url)

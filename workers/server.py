@@ -121,7 +121,7 @@ class WorkerServer:
             max_frame_bytes=self.limits.max_frame_bytes,
         )
 
-    def load_report(self) -> LoadReport:
+    def load_report(self, own_jobs: int = 0) -> LoadReport:
         return LoadReport(
             running=self.running,
             queued=self.queued,
@@ -129,6 +129,7 @@ class WorkerServer:
             service_rate=round(self.rate.value, 6),
             rate_unit=self.engine.rate_unit,
             jobs_completed=self.jobs_completed,
+            own_jobs=own_jobs,
         )
 
     def admits_another(self) -> bool:
@@ -209,7 +210,7 @@ class WorkerSession:
         elif isinstance(message, JobCancel):
             await self._cancel(message.job_id)
         elif isinstance(message, LoadRequest):
-            await self._send(self.server.load_report())
+            await self._send(self.server.load_report(own_jobs=len(self.jobs)))
         elif isinstance(message, Error):
             log.warning("%s %s: client reported %s: %s", self.server.worker_id, self.peer, message.code.value, message.message)
 
@@ -328,4 +329,4 @@ class WorkerSession:
         with contextlib.suppress(websockets.ConnectionClosed):
             while True:
                 await asyncio.sleep(self.server.report_interval_s)
-                await self._send(self.server.load_report())
+                await self._send(self.server.load_report(own_jobs=len(self.jobs)))

@@ -152,6 +152,9 @@ class LoadReport(_Message):
     service_rate: Annotated[float, Field(ge=0)]
     rate_unit: ShortText
     jobs_completed: Annotated[int, Field(ge=0)]
+    own_jobs: Annotated[int, Field(ge=0)] = 0
+    """Jobs of the connection this report is sent on (running or queued), so a
+    client can tell its own load from other clients' exactly."""
 
 
 Message = Annotated[
