@@ -51,10 +51,12 @@ class Announcer:
     async def start(self) -> None:
         # Only the announced addresses' interfaces: nothing goes out elsewhere.
         self._zeroconf = AsyncZeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
-        await self._zeroconf.async_register_service(self.info)
+        # The first await queues the registration, the second waits for its probes and announcements.
+        await (await self._zeroconf.async_register_service(self.info))
         log.info("announced %s on %s", self.info.name, ", ".join(f"{a}:{self.port}" for a in self.addresses))
 
     async def close(self) -> None:
         if self._zeroconf is not None:
-            await self._zeroconf.async_unregister_service(self.info)
+            # Wait for the goodbye packets to go out before the sockets close.
+            await (await self._zeroconf.async_unregister_service(self.info))
             await self._zeroconf.async_close()
