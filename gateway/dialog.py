@@ -405,11 +405,7 @@ class Dialog:
                     self.llm_worker = lease.worker_id
                     break
                 except JobFailed as exc:
-                    lease.fail(str(exc), stalled=isinstance(exc, _Stalled))
-                    if not failover.fails_over(exc.code, len(tried)):
-                        raise
-                    self.failovers += 1
-                    log.warning("turn %d: the answer on %s failed (%s); continuing it elsewhere", turn.number, lease.worker_id, exc)
+                    self._failed_over(turn, lease, exc, tried, "the answer continues elsewhere")
                 finally:
                     lease.release()
                     if job is not None:
@@ -474,13 +470,17 @@ class Dialog:
                     await self._speak_clause(turn, clause, lease)
                     break
                 except JobFailed as exc:
-                    lease.fail(str(exc), stalled=isinstance(exc, _Stalled))
-                    if not failover.fails_over(exc.code, len(tried)):
-                        raise
-                    self.failovers += 1
-                    log.warning("turn %d: speech on %s failed (%s); the clause starts again elsewhere", turn.number, lease.worker_id, exc)
+                    self._failed_over(turn, lease, exc, tried, "the clause starts again elsewhere")
                 finally:
                     lease.release()
+
+    def _failed_over(self, turn: Turn, lease: Lease, exc: JobFailed, tried: set[str], next_step: str) -> None:
+        """A job failed on ``lease``'s worker: out of rotation if stalled; re-raise unless it may move on."""
+        lease.fail(str(exc), stalled=isinstance(exc, _Stalled))
+        if not failover.fails_over(exc.code, len(tried)):
+            raise exc
+        self.failovers += 1
+        log.warning("turn %d: %s job on %s failed (%s); %s", turn.number, lease.member.kind.value, lease.worker_id, exc, next_step)
 
     async def _speak_clause(self, turn: Turn, clause: str, lease: Lease) -> None:
         job = await lease.client.start_job(TtsParams(text=clause))
