@@ -177,8 +177,13 @@ class WorkerClient:
 
     async def close(self) -> None:
         await self.websocket.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        # The reader may be held up delivering to a job nobody reads any more
+        # (bounded queues): give it a moment, then stop it.
+        done, _ = await asyncio.wait({self._reader}, timeout=2.0)
+        if not done:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
 
     def abort(self) -> None:
         """Drop the connection now, without a closing handshake (a stalled worker would not answer one).
