@@ -445,18 +445,8 @@ class Dialog:
 
     async def _llm_pieces(self, job: JobHandle) -> AsyncIterator[str]:
         """The job's text pieces; the first must come within the deadline, or the worker counts as stalled."""
-        events = aiter(job.events())
-        deadline = self.settings.job_deadline_s
-        first = True
-        while True:
-            try:
-                event = await (asyncio.wait_for(anext(events), deadline) if first else anext(events))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise _Stalled(f"no first token within {deadline:g} s") from None
+        async for event in _first_within(job.events(), self.settings.job_deadline_s, JobResult, "first token"):
             if isinstance(event, JobResult):
-                first = False
                 yield LlmResult.model_validate(event.data).text
 
     async def _speak(self, turn: Turn, clauses: asyncio.Queue[str | None]) -> None:
@@ -487,17 +477,9 @@ class Dialog:
         self.open_jobs.add(job)
         resampler: Resampler | None = None
         started = time.monotonic()
-        events = aiter(job.events())
         try:
             await job.end()
-            while True:
-                try:
-                    deadline = self.settings.job_deadline_s if resampler is None else None
-                    event = await asyncio.wait_for(anext(events), deadline)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise _Stalled(f"no audio within {self.settings.job_deadline_s:g} s") from None
+            async for event in _first_within(job.events(), self.settings.job_deadline_s, MediaFrame, "audio"):
                 if isinstance(event, MediaFrame):
                     if resampler is None:
                         lease.observe(time.monotonic() - started)
@@ -570,6 +552,22 @@ class _Stalled(JobFailed):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.INTERNAL, message)
+
+
+async def _first_within(
+    events: AsyncIterator[JobResult | MediaFrame], deadline_s: float, first: type, what: str
+) -> AsyncIterator[JobResult | MediaFrame]:
+    """``events``, where the first of type ``first`` must come within ``deadline_s`` or the worker counts as stalled."""
+    waiting = True
+    while True:
+        try:
+            event = await (asyncio.wait_for(anext(events), deadline_s) if waiting else anext(events))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _Stalled(f"no {what} within {deadline_s:g} s") from None
+        waiting = waiting and not isinstance(event, first)
+        yield event
 
 
 def _error_code(exc: NoWorker | JobFailed) -> str:
