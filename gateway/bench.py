@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream.config import Config
+from stream.http import get as http_get
 from stream.protocol import WorkerKind
 from stream.sdk import GatewaySession
 
@@ -74,12 +75,9 @@ async def _start_system(config: Config, workdir: Path) -> tuple[list[asyncio.sub
         )
     async with asyncio.timeout(120):
         while True:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
-                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                body = (await reader.read()).split(b"\r\n\r\n", 1)[1]
-                writer.close()
-                if all(json.loads(body)["workers"].values()):
+            with contextlib.suppress(OSError, ValueError):
+                status, _ = await http_get(f"http://127.0.0.1:{gateway_port}/readyz")
+                if status == 200:
                     break
             await asyncio.sleep(0.2)
     return processes, f"ws://127.0.0.1:{gateway_port}/session"
@@ -98,7 +96,7 @@ async def _turn(session: GatewaySession, speech: np.ndarray, number: int) -> tup
     # Let the answer finish playing before the next question (no barge-in).
     async with asyncio.timeout(60):
         while True:
-            recent = [pcm for at, pcm in session.received[-25:] if at > time.monotonic() - 0.5]
+            recent = [pcm for at, pcm in list(session.received)[-25:] if at > time.monotonic() - 0.5]
             if recent and all(np.abs(pcm).max() < 300 for pcm in recent):
                 break
             await asyncio.sleep(0.1)

@@ -12,7 +12,8 @@ Per turn:
    complete clause becomes a TTS job at once; its PCM is converted to 48 kHz
    and queued on the answer track.
 
-Every stage is timed from the end of speech and reported per turn. Every job
+Every stage is timed from the end of speech and reported per turn (to the
+client, and to the metrics' histograms). Every job
 gets its worker from the pool (``gateway/worker_pool.py``); a job whose worker
 dies or stalls moves to another one as ``gateway/failover.py`` says, and the
 session keeps one model per kind.
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
+from stream import logs
 from stream.audio import Resampler
 from stream.clauses import ClauseChunker
 from stream.config import GatewaySettings
@@ -51,6 +53,7 @@ from .events import (
     TranscriptPartial,
     VisionText,
 )
+from .metrics import GatewayMetrics
 from .playout import SAMPLE_RATE as PLAYOUT_RATE
 from .playout import AnswerTrack
 from .turns import SpeechAudio, SpeechEnded, SpeechPaused, SpeechResumed, SpeechStarted, TurnEvent
@@ -63,6 +66,8 @@ log = logging.getLogger("edgestream.gateway")
 @dataclass
 class Turn:
     number: int
+    id: str
+    """``<session>.<number>``: in every log line about the turn, on the gateway and (as the job's trace) on its workers."""
     stt_job: JobHandle | None = None
     stt_lease: Lease | None = None
     stt_results: asyncio.Task[str] | None = None
@@ -96,11 +101,15 @@ class Dialog:
         self,
         pool: WorkerPool,
         settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        session_id: str,
         send: Callable[[Event], None],
         playout: AnswerTrack,
         latest_frame: Callable[[], av.VideoFrame | None],
     ) -> None:
         self.pool = pool
+        self.metrics = metrics
+        self.session_id = session_id
         self.models: dict[WorkerKind, ModelPin] = {}
         """The model (id, sha256) this conversation uses per kind, fixed by its first job."""
         self.llm_worker: str | None = None
@@ -160,7 +169,7 @@ class Dialog:
         while True:
             lease = self._lease(Job(WorkerKind.STT), turn.stt_tried)
             try:
-                job = await lease.client.start_job({})
+                job = await lease.client.start_job({}, trace=turn.id)
             except JobFailed as exc:
                 lease.fail(str(exc))
                 if failover.fails_over(exc.code, len(turn.stt_tried)):
@@ -176,25 +185,31 @@ class Dialog:
         try:
             await self._open_stt(turn)
         except (NoWorker, JobFailed) as exc:
-            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=turn.number))
+            self._turn_failed(turn, _error_code(exc), str(exc))
             return False
-        turn.stt_results = asyncio.create_task(self._stt_results(turn))
+        log.info("turn %s: recognition on %s", turn.id, turn.stt_lease.worker_id)
+        turn.stt_results = _turn_task(turn, self._stt_results(turn))
         return True
 
     def _start_finishing(self, turn: Turn, event: SpeechPaused | SpeechEnded) -> None:
         turn.speech_end = time.monotonic() - (event.stream_s - event.speech_end_s)
-        turn.finishing = asyncio.create_task(self._finish_turn(turn))
+        turn.finishing = _turn_task(turn, self._finish_turn(turn))
+
+    def _turn_failed(self, turn: Turn, code: str, message: str) -> None:
+        log.warning("turn %s failed: %s: %s", turn.id, code, message)
+        self.metrics.turns.labels("failed").inc()
+        self.send(ErrorEvent(code=code, message=message, turn=turn.number))
 
     async def _speech_started(self, event: SpeechStarted) -> None:
         if self._answer is not None and not self._answer.done() or self.playout.playing:
             self._barge_in()
         self.turns += 1
         number = self.turns
-        turn = Turn(number)
+        turn = Turn(number, logs.turn_label(self.session_id, number))
         if not await self._start_stt(turn):
             return
         if self.settings.vision_on_turn and self.latest_frame() is not None:
-            turn.vision = asyncio.create_task(self._look(number, self.latest_frame(), turn.workers))
+            turn.vision = _turn_task(turn, self._look(number, self.latest_frame(), turn.workers))
         self.current = turn
         turn.audio.append(event.preroll)
         await self._send_audio(turn, event.preroll)
@@ -265,7 +280,8 @@ class Dialog:
     async def _move_stt(self, turn: Turn, exc: JobFailed) -> None:
         """Failover: the utterance so far, replayed into a job on another worker."""
         self.failovers += 1
-        log.warning("turn %d: speech-to-text on %s failed (%s); moving it", turn.number, turn.stt_lease.worker_id, exc)
+        self.metrics.failovers.labels(WorkerKind.STT.value).inc()
+        log.warning("turn %s: speech-to-text on %s failed (%s); moving it", turn.id, turn.stt_lease.worker_id, exc)
         async with turn.stt_lock:
             await self._open_stt(turn)
             with contextlib.suppress(JobFailed):  # if this one fails too, its results say so
@@ -292,11 +308,14 @@ class Dialog:
         try:
             text = await self._final_transcript(turn)
         except (JobFailed, NoWorker, TimeoutError) as exc:
-            self.send(ErrorEvent(code="stt_failed", message=str(exc) or "no final transcript", turn=turn.number))
+            self._turn_failed(turn, "stt_failed", str(exc) or "no final transcript")
             return
         turn.mark("stt_final")
         self._emit(turn, TranscriptFinal(turn=turn.number, text=text))
         if not text.strip():
+            await turn.confirmed.wait()  # a speculation that speech resumes is cancelled here, not counted
+            log.info("turn %s: nothing recognised", turn.id)
+            self.metrics.turns.labels("empty").inc()
             return
         if self._answer is not None and not self._answer.done():
             self._barge_in()
@@ -310,20 +329,23 @@ class Dialog:
         buffer = io.BytesIO()
         frame.to_image().save(buffer, format="JPEG", quality=85)
         tried: set[str] = set()
+        trace = logs.turn_label(self.session_id, number)
         while True:
             try:
                 lease = self._lease(Job(WorkerKind.VISION), tried)
             except NoWorker as exc:
-                log.info("vision skipped for turn %d: %s", number, exc)
+                log.info("vision skipped for turn %s: %s", trace, exc)
                 return None
             started = time.monotonic()
             try:
-                result = await lease.client.analyze_image(buffer.getvalue(), MediaFormat.JPEG, **VisionParams(describe=True).model_dump())
+                result = await lease.client.analyze_image(
+                    buffer.getvalue(), MediaFormat.JPEG, trace=trace, **VisionParams(describe=True).model_dump()
+                )
             except JobFailed as exc:
                 lease.fail(str(exc))
                 if failover.fails_over(exc.code, len(tried)):
                     continue
-                log.info("vision skipped for turn %d: %s", number, exc)
+                log.info("vision skipped for turn %s: %s", trace, exc)
                 return None
             lease.observe(time.monotonic() - started)
             lease.release()
@@ -388,7 +410,7 @@ class Dialog:
                 lease = self._lease(self._llm_job(), tried)
                 turn.workers["llm"] = lease.worker_id
                 try:
-                    job = await lease.client.start_job(failover.llm_continuation(params, answer, tokens))
+                    job = await lease.client.start_job(failover.llm_continuation(params, answer, tokens), trace=turn.id)
                     self.open_jobs.add(job)
                     await job.end()
                     started = time.monotonic()
@@ -422,14 +444,17 @@ class Dialog:
             if attempt == turn.attempt:  # a barge-in, not a speculation proved wrong
                 self._remember(self.last_prompt[-1], answer + "...")
                 self.send(AnswerDone(turn=turn.number, text=answer, interrupted=True))
+                log.info("turn %s: answer interrupted after %d tokens", turn.id, tokens)
+                self.metrics.turns.labels("interrupted").inc()
             raise
         except (NoWorker, JobFailed) as exc:
             speaker.cancel()
-            self.send(ErrorEvent(code=_error_code(exc), message=str(exc), turn=turn.number))
+            self._turn_failed(turn, _error_code(exc), str(exc))
             return
         await turn.confirmed.wait()
         self._remember(self.last_prompt[-1], answer)
         self.send(AnswerDone(turn=turn.number, text=answer))
+        self.metrics.turns.labels("answered").inc()
         self._spawn(self._report_latency(turn))
 
     def _llm_job(self) -> Job:
@@ -470,10 +495,11 @@ class Dialog:
         if not failover.fails_over(exc.code, len(tried)):
             raise exc
         self.failovers += 1
-        log.warning("turn %d: %s job on %s failed (%s); %s", turn.number, lease.member.kind.value, lease.worker_id, exc, next_step)
+        self.metrics.failovers.labels(lease.member.kind.value).inc()
+        log.warning("turn %s: %s job on %s failed (%s); %s", turn.id, lease.member.kind.value, lease.worker_id, exc, next_step)
 
     async def _speak_clause(self, turn: Turn, clause: str, lease: Lease) -> None:
-        job = await lease.client.start_job(TtsParams(text=clause))
+        job = await lease.client.start_job(TtsParams(text=clause), trace=turn.id)
         self.open_jobs.add(job)
         resampler: Resampler | None = None
         started = time.monotonic()
@@ -510,7 +536,10 @@ class Dialog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, 5.0)
             self._first_audio.pop(turn.number, None)
-        self.send(Latency(turn=turn.number, workers=turn.workers, **{"end_of_turn": 0.0, "stt_final": 0.0, **turn.marks}))
+        marks = {"end_of_turn": 0.0, "stt_final": 0.0, **turn.marks}
+        self.metrics.observe_stages(marks)
+        log.info("turn %s answered: voice-to-voice %s ms, workers %s", turn.id, marks.get("first_audio_sent"), turn.workers)
+        self.send(Latency(turn=turn.number, workers=turn.workers, **marks))
 
     def _barge_in(self) -> None:
         self.playout.stop()
@@ -568,6 +597,12 @@ async def _first_within(
             raise _Stalled(f"no {what} within {deadline_s:g} s") from None
         waiting = waiting and not isinstance(event, first)
         yield event
+
+
+def _turn_task(turn: Turn, coroutine) -> asyncio.Task:
+    """A task working for ``turn``: its log lines (and those of the tasks it starts) carry the turn id."""
+    with logs.bound(turn=turn.id):
+        return asyncio.create_task(coroutine)
 
 
 def _error_code(exc: NoWorker | JobFailed) -> str:

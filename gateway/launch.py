@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 
+from stream import logs
 from stream.config import Config
 
 from .server import Gateway
@@ -32,8 +31,7 @@ async def serve_gateway(config: Config) -> None:
 
 
 def run_gateway(config: Config) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logs.configure(config.log.format, config.log.level)
     try:
         import uvloop
 

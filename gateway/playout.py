@@ -42,6 +42,11 @@ class AnswerTrack(MediaStreamTrack):
     def playing(self) -> bool:
         return self._buffered > 0
 
+    @property
+    def buffered_s(self) -> float:
+        """Answer audio queued and not yet played."""
+        return self._buffered / SAMPLE_RATE
+
     async def write(self, turn: int, samples: np.ndarray) -> None:
         """Queue 48 kHz mono int16 samples of ``turn``'s answer."""
         while self._buffered >= MAX_BUFFERED_S * SAMPLE_RATE:

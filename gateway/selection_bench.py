@@ -19,7 +19,6 @@ Job latency is from arrival to the final result, as the gateway sees it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import statistics
@@ -32,11 +31,9 @@ import numpy as np
 
 from stream.delay_relay import start_relay
 from stream.protocol import JobResult, WorkerKind
-from stream.protocol.jobs import STT_SAMPLE_RATE, SttResult
-from workers.engine import Engine
-from workers.job import Job as WorkerJob
-from workers.model_files import ModelFile
+from stream.protocol.jobs import STT_SAMPLE_RATE
 from workers.server import WorkerServer
+from workers.simulated import SimulatedStt
 
 from .selection import (
     Job,
@@ -62,27 +59,6 @@ class SimulatedWorker:
 
 
 WORKERS = (SimulatedWorker("fast", 1.0, 0.0), SimulatedWorker("slow", 4.0, 0.0), SimulatedWorker("far", 1.0, FAR_DELAY_S))
-
-
-class SimulatedStt(Engine):
-    """Takes an utterance and answers after ``audio seconds * cost`` of (simulated) compute."""
-
-    kind = WorkerKind.STT
-    rate_unit = "audio_s"
-
-    def __init__(self, seconds_per_audio_second: float) -> None:
-        super().__init__(ModelFile(WorkerKind.STT, Path("/dev/null"), "simulated-stt", hashlib.sha256(b"simulated-stt").hexdigest()))
-        self.seconds_per_audio_second = seconds_per_audio_second
-
-    async def run(self, job: WorkerJob) -> None:
-        samples = 0
-        while (item := await job.next_input()) is not None:
-            samples += len(item.payload) // 2
-        audio_s = samples / STT_SAMPLE_RATE
-        started = time.perf_counter()
-        await asyncio.sleep(audio_s * self.seconds_per_audio_second)
-        job.count(audio_s, time.perf_counter() - started)
-        await job.emit(SttResult(text="", final=True, audio_s=audio_s).model_dump())
 
 
 class Oracle:

@@ -10,7 +10,10 @@ Signaling (JSON text messages on ``ws://HOST:PORT/session``):
 The session lives as long as this WebSocket: closing it ends the session, and
 the gateway closes it (with an ``error`` first) when ICE does not complete in
 ``ice_timeout_s`` or the peer connection fails. Other paths serve ``web/``
-(``GET /``) and ``GET /healthz``.
+(``GET /``), ``GET /healthz`` (the process is up; sessions and the worker
+pool), ``GET /readyz`` (200 when a worker of every required kind is in
+rotation, else 503 naming the missing kinds) and ``GET /metrics``
+(Prometheus, ``gateway/metrics.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from pathlib import Path
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from stream import logs
 from stream.config import GatewaySettings
+from stream.http import json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
 
+from .metrics import GatewayMetrics
 from .selection import POLICIES
 from .session import BadOffer, Session
 from .worker_pool import WorkerPool
@@ -48,8 +53,11 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 class Gateway:
     def __init__(self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]]) -> None:
         self.settings = settings
-        self.pool = WorkerPool(worker_urls, policy=POLICIES[settings.selection]())
+        self.metrics = GatewayMetrics()
+        self.pool = WorkerPool(worker_urls, policy=POLICIES[settings.selection](), metrics=self.metrics)
         self.sessions: dict[str, Session] = {}
+        self.metrics.watch(self.pool, lambda: self.sessions.values())
+        logs.install()
         self._server: Server | None = None
         self._closing = False
         self.discovery = None
@@ -91,15 +99,21 @@ class Gateway:
         path = request.path.split("?", 1)[0]
         if path == "/session":
             return None  # the WebSocket handshake goes on
-        if path == "/healthz":
-            ready = {kind.value: self.pool.available(kind) for kind in WorkerKind}
-            body = json.dumps({"sessions": len(self.sessions), "workers": ready, "pool": self.pool.snapshot()}).encode()
-            return _response(HTTPStatus.OK, body, "application/json")
+        if path == "/metrics":
+            return metrics_response(self.metrics.registry)
+        if path in ("/healthz", "/readyz"):
+            workers = {kind.value: self.pool.available(kind) for kind in WorkerKind}
+            if path == "/healthz":
+                return json_response({"ok": True, "sessions": len(self.sessions), "workers": workers, "pool": self.pool.snapshot()})
+            missing = [kind.value for kind in self.settings.required_kinds if not workers[kind.value]]
+            if self._closing:
+                missing.append("shutting_down")
+            return readiness_response(missing, {"sessions": len(self.sessions), "workers": workers})
         file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
         if not file.is_relative_to(WEB_ROOT) or not file.is_file():
-            return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+            return response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
         kind = CONTENT_TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        return _response(HTTPStatus.OK, file.read_bytes(), kind)
+        return response(HTTPStatus.OK, file.read_bytes(), kind)
 
     # -- signaling ---------------------------------------------------------------------
 
@@ -112,23 +126,25 @@ class Gateway:
             if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
                 raise ValueError('expected {"type": "offer", "sdp": "..."}')
         except TimeoutError:
-            await _refuse(websocket, "timeout", f"no offer within {OFFER_TIMEOUT_S:g} s", peer)
+            await self._refuse(websocket, "timeout", f"no offer within {OFFER_TIMEOUT_S:g} s", peer)
             return
         except (ValueError, TypeError) as exc:
-            await _refuse(websocket, "malformed", str(exc), peer)
+            await self._refuse(websocket, "malformed", str(exc), peer)
             return
         except websockets.ConnectionClosed:
             return
         if len(self.sessions) >= self.settings.max_sessions:
-            await _refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
+            await self._refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
             return
-        session = Session(self.pool, self.settings)
+        session = Session(self.pool, self.settings, self.metrics)
+        logs.session_id.set(session.id)  # this task's log lines (and its children's) name the session
         self.sessions[session.id] = session
+        self.metrics.sessions.inc()
         try:
             try:
                 answer = await session.accept(offer["sdp"])
             except BadOffer as exc:
-                await _refuse(websocket, "bad_offer", str(exc), peer)
+                await self._refuse(websocket, "bad_offer", str(exc), peer)
                 return
             await websocket.send(json.dumps({"type": "answer", "sdp": answer, "session_id": session.id}))
             log.info("session %s: answered %s", session.id, peer)
@@ -146,7 +162,7 @@ class Gateway:
             async with asyncio.timeout(self.settings.ice_timeout_s):
                 await session.connected.wait()
         except TimeoutError:
-            await _refuse(websocket, "ice_timeout", f"ICE did not connect within {self.settings.ice_timeout_s:g} s", session.id)
+            await self._refuse(websocket, "ice_timeout", f"ICE did not connect within {self.settings.ice_timeout_s:g} s", session.id)
             return
         closed = asyncio.create_task(session.closed.wait())
         gone = asyncio.create_task(websocket.wait_closed())
@@ -158,18 +174,14 @@ class Gateway:
                 error = {"type": "error", "code": "shutting_down", "message": "the gateway is shutting down"}
             else:
                 error = {"type": "error", "code": "connection_failed", "message": "the WebRTC connection failed"}
+            self.metrics.errors.labels(error["code"]).inc()
             with contextlib.suppress(websockets.ConnectionClosed):
                 await websocket.send(json.dumps(error))
                 await websocket.close()
 
-
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store"})
-    return Response(status.value, status.phrase, headers, body)
-
-
-async def _refuse(websocket: ServerConnection, code: str, message: str, who: str) -> None:
-    log.warning("signaling %s refused: %s: %s", who, code, message)
-    with contextlib.suppress(websockets.ConnectionClosed):
-        await websocket.send(json.dumps({"type": "error", "code": code, "message": message}))
-        await websocket.close(1008 if code != "timeout" else 1000, code)
+    async def _refuse(self, websocket: ServerConnection, code: str, message: str, who: str) -> None:
+        log.warning("signaling %s refused: %s: %s", who, code, message)
+        self.metrics.errors.labels(code).inc()
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await websocket.send(json.dumps({"type": "error", "code": code, "message": message}))
+            await websocket.close(1008 if code != "timeout" else 1000, code)

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 import av
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from stream import logs
+from stream.audio import ArrivalLag
 from stream.config import GatewaySettings
 
 from .dialog import Dialog
 from .events import ErrorEvent, Event, SessionReady
+from .metrics import GatewayMetrics
 from .playout import AnswerTrack
 from .turns import TurnDetector, TurnSettings
 from .worker_pool import WorkerPool
@@ -34,14 +38,15 @@ class BadOffer(ValueError):
 
 
 class Session:
-    def __init__(self, pool: WorkerPool, settings: GatewaySettings) -> None:
+    def __init__(self, pool: WorkerPool, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.settings = settings
+        self.metrics = metrics
         # No ICE server unless configured: aiortc's default is a public STUN
         # server, and nothing may leave the local network.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
         self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
-        self.dialog = Dialog(pool, settings, self.send, self.answer_track, lambda: self.latest_frame)
+        self.dialog = Dialog(pool, settings, metrics, self.id, self.send, self.answer_track, lambda: self.latest_frame)
         self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms))
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0
@@ -106,10 +111,16 @@ class Session:
 
     async def _ingest_audio(self, track: MediaStreamTrack) -> None:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=16_000)
+        arrival = ArrivalLag()
         try:
             while True:
                 frame = await track.recv()
                 self.audio_frames += 1
+                lag, lost = arrival.arrived(frame.pts, frame.samples, frame.sample_rate, time.monotonic())
+                self.metrics.ingest_lag_seconds.observe(lag)
+                self.metrics.audio_frames.inc()
+                if lost:
+                    self.metrics.audio_frames_lost.inc(lost)
                 for out in resampler.resample(frame):
                     for event in self.turns.push(out.to_ndarray().reshape(-1)):
                         await self.dialog.handle(event)
@@ -127,6 +138,8 @@ class Session:
     # -- events ---------------------------------------------------------------------
 
     def send(self, event: Event) -> None:
+        if isinstance(event, ErrorEvent):
+            self.metrics.errors.labels(event.code).inc()
         text = event.model_dump_json()
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(text)
@@ -134,7 +147,8 @@ class Session:
             self._pending.append(text)
 
     def _spawn(self, coroutine) -> None:
-        task = asyncio.create_task(coroutine)
+        with logs.bound(session=self.id):  # the task's log lines name this session
+            task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

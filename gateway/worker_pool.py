@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from stream.protocol import WorkerKind
 from stream.worker_client import WorkerClient
 
+from .metrics import GatewayMetrics
 from .selection import Job, LatencyAware, Policy, WorkerEstimate
 
 log = logging.getLogger("edgestream.gateway")
@@ -182,14 +183,15 @@ class Lease:
         compute = max(seconds - (estimate.rtt.value or 0.0), 1e-4)
         estimate.seconds_per_unit.observe(compute / self.size, self.pool.clock())
 
-    def release(self) -> None:
+    def release(self, outcome: str = "ok") -> None:
         if self._open:
             self._open = False
             self.member.estimate.in_flight.pop(self.id, None)
+            self.pool.metrics.jobs.labels(self.member.kind.value, self.worker_id, outcome).inc()
 
     def fail(self, reason: str, *, stalled: bool = False) -> None:
         """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back)."""
-        self.release()
+        self.release("failed")
         log.warning("%s worker %s failed a job: %s", self.member.kind.value, self.worker_id, reason)
         if stalled and self.client is self.member.client and not self.client.closed:
             self.client.abort()  # its other jobs fail over too; the link task reconnects
@@ -204,8 +206,10 @@ class WorkerPool:
         policy: Policy | None = None,
         settings: PoolSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.policy: Policy = policy or LatencyAware()
+        self.metrics = metrics or GatewayMetrics()
         self.settings = settings or PoolSettings()
         self.clock = clock
         self.members: dict[str, PooledWorker] = {}
@@ -265,6 +269,7 @@ class WorkerPool:
             detail = f" with model {model[0]}" if model is not None and self.available(job.kind) else ""
             raise NoWorker(job.kind, detail)
         chosen = self.policy.choose(job, [m.estimate for m in usable.values()], self.clock())
+        self.metrics.decisions.labels(job.kind.value, chosen.worker_id, self.policy.name, "retry" if exclude else "first").inc()
         return Lease(self, usable[chosen.worker_id], job)
 
     def snapshot(self) -> list[dict[str, object]]:

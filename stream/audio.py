@@ -1,4 +1,4 @@
-"""Audio helpers: WAV files and sample-rate conversion (PyAV's resampler, libswresample)."""
+"""Audio helpers: WAV files, sample-rate conversion (PyAV's resampler, libswresample), frame pacing, arrival lag."""
 
 from __future__ import annotations
 
@@ -108,3 +108,30 @@ class FrameClock:
             if wait > 0:
                 await asyncio.sleep(wait)
         return self.pts
+
+
+class ArrivalLag:
+    """How late each frame of a live stream arrives, measured against the stream's own clock.
+
+    A frame with timestamp ``pts`` is due ``pts / rate`` seconds after the
+    stream's start; the earliest any frame has come relative to that is taken
+    as on time, so a frame's lag is how much later than that it came. The
+    sender's clock and the receiver's need not agree, only run at the same
+    rate. Gaps in the timestamps are frames that never arrived.
+    """
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+        self._next_pts: int | None = None
+
+    def arrived(self, pts: int, samples: int, rate: int, now: float) -> tuple[float, int]:
+        """(lag in seconds, frames lost just before this one) for a frame received at ``now``."""
+        offset = now - pts / rate
+        if self._offset is None or offset < self._offset:
+            self._offset = offset
+        lost = 0
+        if self._next_pts is not None and samples and pts > self._next_pts:
+            lost = (pts - self._next_pts) // samples
+        if self._next_pts is None or pts >= self._next_pts:
+            self._next_pts = pts + samples
+        return offset - self._offset, lost

@@ -15,6 +15,16 @@ from stream.protocol import WorkerKind
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time multimodal conversation at the edge.")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: configs/one-box.toml).")]
+LogFormatOption = Annotated[Optional[str], typer.Option("--log-format", help="text, or json (one object per line, with session/turn/job ids).")]
+
+
+def _with_log_format(cfg, log_format: str | None):
+    if log_format is None:
+        return cfg
+    if log_format not in ("text", "json"):
+        typer.echo(f"error: --log-format: expected text or json, got {log_format!r}", err=True)
+        raise typer.Exit(2)
+    return cfg.model_copy(update={"log": cfg.log.model_copy(update={"format": log_format})})
 
 
 def _config(path: Path | None):
@@ -36,6 +46,7 @@ def worker(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per job.")] = None,
     announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
     announce_address: Annotated[Optional[str], typer.Option(help="HOST:PORT to announce instead of the bound one.")] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
     from pydantic import ValidationError
@@ -43,7 +54,8 @@ def worker(
     from workers.launch import run_worker
     from workers.model_files import ModelNotFound
 
-    settings = _config(config).workers.for_kind(kind)
+    cfg = _with_log_format(_config(config), log_format)
+    settings = cfg.workers.for_kind(kind)
     options = dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address)
     overrides = {k: v for k, v in options.items() if v is not None}
     try:
@@ -53,7 +65,7 @@ def worker(
         typer.echo(f"error: --{first['loc'][0]}: {first['msg']}", err=True)
         raise typer.Exit(2) from None
     try:
-        run_worker(kind, settings)
+        run_worker(kind, settings, cfg.log)
     except (ModelNotFound, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -69,11 +81,12 @@ def gateway(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
     loopback_ice: Annotated[bool, typer.Option(help="Offer 127.0.0.1 as an ICE candidate (loopback-only machines).")] = False,
     discover: Annotated[Optional[bool], typer.Option("--discover/--no-discover", help="Use workers announced by mDNS.")] = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
     from gateway.launch import run_gateway
 
-    cfg = _config(config)
+    cfg = _with_log_format(_config(config), log_format)
     overrides = {k: v for k, v in dict(host=host, port=port, discover=discover).items() if v is not None}
     if loopback_ice:
         overrides["loopback_ice"] = True
@@ -139,6 +152,20 @@ def bench_selection(
     from gateway.selection_bench import run_selection_bench
 
     asyncio.run(run_selection_bench([float(x) for x in loads.split(",")], jobs, repeats, out))
+
+
+@bench_app.command("gateway-load")
+def bench_gateway_load(
+    sessions: Annotated[str, typer.Option(help="Numbers of concurrent sessions to try, in order.")] = "10,20,40,60,80,100",
+    clients: Annotated[int, typer.Option(help="Client processes the sessions are spread over.")] = 2,
+    window: Annotated[float, typer.Option(help="Seconds measured per level (after all sessions are up).")] = 15.0,
+    repeats: Annotated[int, typer.Option(help="Runs per level; a level passes on the median run.")] = 1,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-gateway-load.json"),
+) -> None:
+    """N talking WebRTC sessions on one gateway (canned models): CPU, ingest lag p50/p99, lost frames; the largest N with p99 < 20 ms."""
+    from gateway.load_bench import run_load_bench
+
+    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out))
 
 
 @bench_app.command("voice")

@@ -137,11 +137,20 @@ class GatewaySettings(_Section):
     """Also use workers announced on the LAN by mDNS (``_edgestream._tcp``), besides ``workers``."""
     discover_interfaces: list[str] = []
     """Addresses of the interfaces to browse on; empty for all."""
+    required_kinds: list[WorkerKind] = [WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS]
+    """Kinds without which ``/readyz`` says not ready (a turn needs them; vision only adds context)."""
+
+
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    """``json``: one object per line with ``session``, ``turn`` and ``job`` ids (``stream/logs.py``)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class Config(_Section):
     gateway: GatewaySettings = GatewaySettings()
     workers: WorkersConfig = WorkersConfig()
+    log: LogSettings = LogSettings()
 
     def worker_urls(self) -> dict[WorkerKind, list[str]]:
         """Where the gateway finds each kind: ``[gateway.workers]``, else this box's workers.

@@ -118,17 +118,18 @@ class CameraTrack(MediaStreamTrack):
 class GatewaySession:
     """One conversation with a gateway. Create with :meth:`connect`."""
 
-    def __init__(self) -> None:
+    def __init__(self, microphone: MediaStreamTrack | None = None, keep_answer_s: float = 600.0) -> None:
         # No ICE servers: aiortc's default is a public STUN server, and the
         # gateway is on the local network.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.microphone = MicrophoneTrack()
+        self.microphone = microphone or MicrophoneTrack()
         self.camera: CameraTrack | None = None
         self.session_id = ""
         self.events: list[dict[str, Any]] = []
         self._event_added = asyncio.Condition()
-        self.received: list[tuple[float, np.ndarray]] = []
-        """Answer audio as (monotonic arrival time, 48 kHz mono int16) per frame."""
+        self.received: deque[tuple[float, np.ndarray]] = deque(maxlen=int(keep_answer_s * RATE / FRAME))
+        """The last ``keep_answer_s`` of answer audio, as (monotonic arrival time, 48 kHz mono int16) per frame."""
+        self.frames_received = 0
         self._signaling: websockets.ClientConnection | None = None
         self._tasks: list[asyncio.Task] = []
         self.closed = asyncio.Event()
@@ -136,14 +137,27 @@ class GatewaySession:
 
     @classmethod
     async def connect(
-        cls, url: str, *, camera: np.ndarray | None = None, loopback_ice: bool = False, timeout: float = 20.0
+        cls,
+        url: str,
+        *,
+        camera: np.ndarray | None = None,
+        microphone: MediaStreamTrack | None = None,
+        keep_answer_s: float = 600.0,
+        loopback_ice: bool = False,
+        timeout: float = 20.0,
     ) -> GatewaySession:
-        """Open a session: offer audio (and video with ``camera``), wait for the answer and ICE."""
+        """Open a session: offer audio (and video with ``camera``), wait for the answer and ICE.
+
+        ``microphone`` replaces the built-in :class:`MicrophoneTrack` (then
+        :meth:`say` is not available): a device's own audio track, or one
+        that yields pre-encoded Opus packets. ``keep_answer_s`` bounds the
+        answer audio kept in :attr:`received`.
+        """
         if loopback_ice:
             from gateway.loopback import allow_loopback_ice
 
             allow_loopback_ice()
-        self = cls()
+        self = cls(microphone, keep_answer_s)
         self.pc.addTrack(self.microphone)
         if camera is not None:
             self.camera = CameraTrack(camera)
@@ -194,8 +208,10 @@ class GatewaySession:
         with contextlib.suppress(MediaStreamError):
             while True:
                 frame = await track.recv()
-                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1).astype(np.int16)
-                self.received.append((time.monotonic(), pcm))
+                self.frames_received += 1
+                if self.received.maxlen:
+                    pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1).astype(np.int16)
+                    self.received.append((time.monotonic(), pcm))
 
     async def _watch_signaling(self) -> None:
         assert self._signaling is not None
@@ -211,6 +227,8 @@ class GatewaySession:
 
     async def say(self, samples: np.ndarray, sample_rate: int) -> float:
         """Speak ``samples`` into the session; returns the monotonic time speech ended."""
+        if not isinstance(self.microphone, MicrophoneTrack):
+            raise TypeError("say() needs the built-in microphone track")
         return await self.microphone.queue(samples, sample_rate)
 
     async def wait_event(self, type_: str, timeout: float = 30.0, after: int = 0, **match: Any) -> dict[str, Any]:

@@ -199,15 +199,15 @@ class WorkerClient:
 
     # -- jobs ------------------------------------------------------------------
 
-    async def start_job(self, params: BaseModel | dict[str, Any]) -> JobHandle:
-        """Open a job on the worker with kind-specific ``params``."""
+    async def start_job(self, params: BaseModel | dict[str, Any], *, trace: str | None = None) -> JobHandle:
+        """Open a job on the worker with kind-specific ``params``; ``trace`` (a turn id) goes into the worker's logs."""
         if isinstance(params, BaseModel):
             params = params.model_dump(exclude_defaults=True)
         job_id = self.protocol.next_job_id()
         handle = JobHandle(self, job_id)
         self._handles[job_id] = handle
         try:
-            await self._send(JobStart(job_id=job_id, kind=self.hello.kind, params=params))
+            await self._send(JobStart(job_id=job_id, kind=self.hello.kind, params=params, trace=trace))
         except BaseException:
             self._handles.pop(job_id, None)
             raise
@@ -263,8 +263,8 @@ class WorkerClient:
             else:
                 yield TtsResult.model_validate(event.data)
 
-    async def analyze_image(self, data: bytes, media_format: MediaFormat, **options: Any) -> VisionResult:
-        job = await self.start_job(VisionParams(**options))
+    async def analyze_image(self, data: bytes, media_format: MediaFormat, *, trace: str | None = None, **options: Any) -> VisionResult:
+        job = await self.start_job(VisionParams(**options), trace=trace)
         await job.send_image(data, media_format)
         await job.end()
         result: VisionResult | None = None

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 import threading
 import time
 
-from stream.config import WorkerSettings
+from stream import logs
+from stream.config import LogSettings, WorkerSettings
 from stream.protocol import WorkerKind
 
 from .engine import Engine
@@ -99,9 +99,9 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
     engine.close()
 
 
-def run_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
+def run_worker(kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings()) -> None:
     """The body of ``edgestream worker KIND``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure(log_settings.format, log_settings.level)
     try:
         import uvloop
 

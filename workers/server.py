@@ -3,6 +3,12 @@
 Everything protocol-shaped is decided by :class:`stream.protocol.Connection`;
 this module moves frames between it, the socket and the engine, and keeps the
 worker's shared state (capacity, service rate) across connections.
+
+The same port answers plain HTTP: ``GET /healthz`` (the process is up),
+``GET /readyz`` (200 while it takes another job; 503 when full or shutting
+down) and
+``GET /metrics`` (Prometheus, ``workers/metrics.py``). Any other path is the
+worker protocol's WebSocket.
 """
 
 from __future__ import annotations
@@ -11,13 +17,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import websockets
 from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 
-from stream import __version__
+from stream import __version__, logs
+from stream.http import json_response, metrics_response, readiness_response
 from stream.protocol import (
     DEFAULT_LIMITS,
     Connection,
@@ -43,6 +52,7 @@ from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
 from .job import Job, JobCancelled, TextInput
+from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 
 log = logging.getLogger("edgestream.worker")
@@ -76,6 +86,9 @@ class WorkerServer:
         self.sessions: set[WorkerSession] = set()
         self._slots = asyncio.Semaphore(capacity)
         self._server: Server | None = None
+        self.closing = False
+        self.metrics = WorkerMetrics(self)
+        logs.install()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -85,6 +98,7 @@ class WorkerServer:
             self._handle,
             host,
             port,
+            process_request=self._http,
             # One limit above the protocol's own, so that an oversized text
             # message gets a protocol error and only a truly huge frame makes
             # websockets close the connection (code 1009).
@@ -99,6 +113,7 @@ class WorkerServer:
         return bound
 
     async def close(self) -> None:
+        self.closing = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -106,6 +121,26 @@ class WorkerServer:
     async def serve_forever(self) -> None:
         assert self._server is not None
         await self._server.serve_forever()
+
+    # -- HTTP -------------------------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/metrics":
+            return metrics_response(self.metrics.registry)
+        if path in ("/healthz", "/readyz"):
+            state = {
+                "worker_id": self.worker_id,
+                "kind": self.kind.value,
+                "model": self.engine.model.model_id,
+                "load": self.load_report().model_dump(exclude={"v", "type", "own_jobs"}),
+            }
+            if path == "/healthz":
+                return json_response({"ok": True, **state})
+            # Not ready while full: another job would be refused with ``busy``.
+            missing = ["shutting_down"] if self.closing else [] if self.admits_another() else ["capacity"]
+            return readiness_response(missing, state)
+        return None  # the worker protocol's WebSocket handshake goes on
 
     # -- shared state -----------------------------------------------------------
 
@@ -153,6 +188,7 @@ class WorkerServer:
                 self.queued -= 1
                 waiting = False
                 job.stats["queued_s"] = round(time.perf_counter() - since, 4)
+                self.metrics.queued_seconds.observe(job.stats["queued_s"])
                 self.running += 1
                 try:
                     await self.engine.run(job)
@@ -160,6 +196,7 @@ class WorkerServer:
                     self.running -= 1
             self.jobs_completed += 1
             self.rate.observe(job.work_units, job.compute_s)
+            self.metrics.compute_seconds.observe(job.compute_s)
         finally:
             if waiting:
                 self.queued -= 1
@@ -228,10 +265,13 @@ class WorkerSession:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "params"
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"params.{where}: {first['msg']}", job_id) from None
-        job = Job(job_id, params, self._result_sender(job_id), self._audio_sender(job_id))
-        task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
+        first_output = self._first_output_timer()
+        job = Job(job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output))
+        # The job's task, and so every log line about it, carries the gateway's turn id.
+        with logs.bound(turn=message.trace, job=f"{self.server.kind.value}/{job_id}"):
+            task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
+            log.info("%s %s: job %d started", self.server.worker_id, self.peer, job_id)
         self.jobs[job_id] = (job, task)
-        log.info("%s %s: job %d started", self.server.worker_id, self.peer, job_id)
 
     async def _run_job(self, job: Job) -> None:
         try:
@@ -244,11 +284,14 @@ class WorkerSession:
             return
         except Exception as exc:
             log.exception("%s %s: job %d failed", self.server.worker_id, self.peer, job.job_id)
+            self.server.metrics.job_ended("failed")
             await self._finish(Error(code=ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}"[:1024], job_id=job.job_id))
             return
         finally:
             self.jobs.pop(job.job_id, None)
         job.stats.update(compute_s=round(job.compute_s, 4), work=round(job.work_units, 4))
+        self.server.metrics.job_ended("complete")
+        log.info("%s %s: job %d complete (%.1f ms compute)", self.server.worker_id, self.peer, job.job_id, job.compute_s * 1000)
         await self._finish(JobDone(job_id=job.job_id, reason="complete", stats=job.stats))
 
     async def _feed(self, job_id: int, item: TextInput | MediaFrame | None) -> None:
@@ -267,16 +310,20 @@ class WorkerSession:
         task.cancel()
         await asyncio.wait([task])
         self.server.jobs_cancelled += 1
+        self.server.metrics.job_ended("cancelled")
         await self._finish(JobDone(job_id=job_id, reason="cancelled", stats=job.stats))
         log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job_id)
 
     async def _refuse(self, exc: ProtocolError) -> None:
         """Answer a refused message; a refusal that names a running job ends it."""
         log.warning("%s %s: refused: %s", self.server.worker_id, self.peer, exc)
+        self.server.metrics.error_sent(exc.code.value)
         entry = self.jobs.pop(exc.job_id, None) if exc.job_id is not None else None
-        if entry is not None and entry[1] is not asyncio.current_task():
-            entry[0].cancel_event.set()
-            entry[1].cancel()
+        if entry is not None:
+            self.server.metrics.job_ended("refused")
+            if entry[1] is not asyncio.current_task():
+                entry[0].cancel_event.set()
+                entry[1].cancel()
         await self._finish(self.protocol.error_for(exc))
 
     async def _abandon_jobs(self) -> None:
@@ -292,21 +339,35 @@ class WorkerSession:
 
     # -- sending -------------------------------------------------------------
 
-    def _result_sender(self, job_id: int):
+    def _first_output_timer(self) -> Callable[[], None]:
+        """Call on each output of a job: the first one observes the time since the job started."""
+        started: float | None = time.perf_counter()
+
+        def output() -> None:
+            nonlocal started
+            if started is not None:
+                self.server.metrics.first_output_seconds.observe(time.perf_counter() - started)
+                started = None
+
+        return output
+
+    def _result_sender(self, job_id: int, first_output: Callable[[], None]):
         seq = 0
 
         async def send_result(data: dict[str, Any]) -> None:
             nonlocal seq
+            first_output()
             await self._send(JobResult(job_id=job_id, seq=seq, data=data))
             seq += 1
 
         return send_result
 
-    def _audio_sender(self, job_id: int):
+    def _audio_sender(self, job_id: int, first_output: Callable[[], None]):
         seq = 0
 
         async def send_audio(pcm: bytes, sample_rate: int) -> None:
             nonlocal seq
+            first_output()
             frame = MediaFrame(job_id, seq, MediaFormat.PCM_S16LE, pcm, channels=1, sample_rate=sample_rate)
             await self._send_bytes(self.protocol.send_frame(frame))
             seq += 1

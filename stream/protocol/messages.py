@@ -79,6 +79,8 @@ class JobStart(_Message):
     job_id: JobId
     kind: WorkerKind
     params: dict[str, Any] = Field(default_factory=dict)
+    trace: Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9._:/@-]*$")] | None = None
+    """What the job is part of (the gateway sends its turn id), for the worker's logs; no effect on the job."""
 
 
 class JobText(_Message):

@@ -1,0 +1,51 @@
+"""Plain HTTP answers served beside a WebSocket endpoint (health, metrics, files).
+
+websockets' ``process_request`` hook lets one port serve both: a request for
+a WebSocket path goes on to the handshake, anything else gets one of these.
+:func:`get` is the matching client, for benchmarks and tests on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+
+def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store"})
+    return Response(status.value, status.phrase, headers, body)
+
+
+def json_response(payload: object, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    return response(status, json.dumps(payload).encode(), "application/json")
+
+
+def metrics_response(registry: CollectorRegistry) -> Response:
+    """The registry in Prometheus' text exposition format."""
+    return response(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+
+def readiness_response(missing: list[str], payload: dict[str, object]) -> Response:
+    """``/readyz``: 200 when nothing is ``missing``, else 503 naming what is."""
+    ready = not missing
+    return json_response({"ready": ready, "missing": missing, **payload}, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+async def get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """``(status, body)`` of ``GET url`` (plain ``http://``, one request per connection)."""
+    parts = urlsplit(url)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        try:
+            writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+            data = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = data.decode("utf-8", "replace").partition("\r\n\r\n")
+    return int(head.split(maxsplit=2)[1]), body

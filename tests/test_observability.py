@@ -1,0 +1,196 @@
+"""Metrics, health and logs: what an operator sees of a real turn through the real models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.server import Gateway
+from stream.config import GatewaySettings
+from stream.http import get as http_get
+from stream.protocol import WorkerKind
+from stream.sdk import GatewaySession
+from tests.conftest import wait_until, with_silence
+
+QUESTION = "What is the capital of France?"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, by (name, sorted labels)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels`` (0 if none)."""
+    return sum(v for (n, ls), v in found.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def http_base(ws_url: str) -> str:
+    return ws_url.replace("ws://", "http://").removesuffix("/session")
+
+
+async def scrape(url: str) -> dict:
+    status, body = await http_get(f"{url}/metrics")
+    assert status == 200
+    return samples(body)
+
+
+@pytest.fixture
+async def fresh_gateway(workers):
+    """A gateway of its own, so that its counters start at zero."""
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
+    gateway.url = f"ws://127.0.0.1:{port}/session"
+    yield gateway
+    await gateway.close()
+
+
+async def test_metrics_count_a_turn_and_time_its_stages(fresh_gateway, workers, speak):
+    servers, urls = workers
+    gateway_url = http_base(fresh_gateway.url)
+    stt_url = urls[WorkerKind.STT][0].replace("ws://", "http://")
+    stt_before = await scrape(stt_url)
+    session = await GatewaySession.connect(fresh_gateway.url, loopback_ice=True)
+    try:
+        await session.say(with_silence(speak(QUESTION)), 16000)
+        latency = await session.wait_event("latency", timeout=60)
+        during = await scrape(gateway_url)
+        assert value(during, "edgestream_sessions_open") == 1
+    finally:
+        await session.close()
+    found = await scrape(gateway_url)
+    assert value(found, "edgestream_turns_total", outcome="answered") == 1
+    assert value(found, "edgestream_turns_total") == 1
+    assert value(found, "edgestream_sessions_total") == 1
+    for stage in ("end_of_turn", "stt_final", "first_token", "first_clause", "first_tts_audio", "voice_to_voice"):
+        assert value(found, "edgestream_turn_stage_seconds_count", stage=stage) == 1, stage
+    # The histogram holds exactly what the client was told.
+    assert value(found, "edgestream_turn_stage_seconds_sum", stage="voice_to_voice") == pytest.approx(latency["first_audio_sent"] / 1000, abs=1e-3)
+    for kind in ("stt", "llm", "tts"):
+        assert value(found, "edgestream_jobs_total", kind=kind, outcome="ok") >= 1, kind
+        assert value(found, "edgestream_selection_decisions_total", kind=kind, attempt="first") >= 1, kind
+    frames = value(found, "edgestream_ingest_lag_seconds_count")
+    assert frames == value(found, "edgestream_audio_frames_total") >= 100  # every frame of > 2 s of speech was timed
+    assert value(found, "edgestream_worker_up", kind="stt") == 1
+    assert value(found, "edgestream_failovers_total") == 0
+    # The STT worker counted its side of the turn.
+    stt_after = await scrape(stt_url)
+    assert value(stt_after, "edgestream_worker_jobs_total", outcome="complete") > value(stt_before, "edgestream_worker_jobs_total", outcome="complete")
+    assert value(stt_after, "edgestream_worker_first_output_seconds_count") > value(stt_before, "edgestream_worker_first_output_seconds_count")
+    assert value(stt_after, "edgestream_worker_capacity") == servers[WorkerKind.STT].capacity
+
+
+async def test_refusals_are_counted_by_code(fresh_gateway):
+    import websockets
+
+    async with websockets.connect(fresh_gateway.url) as ws:
+        await ws.send('{"type": "offer", "sdp": 42}')
+        assert json.loads(await ws.recv())["code"] == "malformed"
+    found = await scrape(http_base(fresh_gateway.url))
+    assert value(found, "edgestream_errors_total", code="malformed") == 1
+
+
+async def test_readiness_names_a_missing_worker_kind(workers):
+    _, urls = workers
+    no_llm = {**urls, WorkerKind.LLM: ["ws://127.0.0.1:9"]}
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0), no_llm)
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.TTS], timeout=10)
+        status, body = await http_get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 503
+        assert json.loads(body)["missing"] == ["llm"]
+        status, body = await http_get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 200 and json.loads(body)["workers"]["llm"] is False
+    finally:
+        await gateway.close()
+
+
+async def test_readiness_when_every_kind_is_there(fresh_gateway):
+    status, body = await http_get(f"{http_base(fresh_gateway.url)}/readyz")
+    assert status == 200 and json.loads(body) == {"ready": True, "missing": [], "sessions": 0, "workers": {k.value: True for k in WorkerKind}}
+
+
+async def test_worker_health_and_readiness_follow_its_capacity(start_worker, connect):
+    server, url = await start_worker(WorkerKind.STT, capacity=1)
+    base = url.replace("ws://", "http://")
+    status, body = await http_get(f"{base}/healthz")
+    assert status == 200 and json.loads(body)["kind"] == "stt"
+    assert (await http_get(f"{base}/readyz"))[0] == 200
+    client = await connect(url)
+    job = await client.start_job({})
+    await wait_until(lambda: server.running == 1)
+    status, body = await http_get(f"{base}/readyz")
+    assert status == 503 and json.loads(body)["missing"] == ["capacity"]
+    assert (await http_get(f"{base}/healthz"))[0] == 200  # full is not unhealthy
+    await job.cancel()
+    await wait_until(lambda: server.running == 0)
+    assert (await http_get(f"{base}/readyz"))[0] == 200
+
+
+async def start_json_logging_worker(kind: WorkerKind, log_file: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """``edgestream worker KIND --log-format json`` in its own process, its stderr to ``log_file``."""
+    with log_file.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stream", "worker", kind.value, "--port", "0", "--threads", "1", "--log-format", "json",
+            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        )
+    async with asyncio.timeout(120):
+        while line := (await process.stdout.readline()).decode():
+            if match := re.search(r"listening on (ws://127\.0\.0\.1:\d+)", line):
+                return process, match.group(1)
+    raise AssertionError(f"the worker exited: {log_file.read_text()}")
+
+
+async def test_one_turn_id_follows_the_turn_from_gateway_to_worker(workers, speak, tmp_path, caplog):
+    _, urls = workers
+    worker_log = tmp_path / "stt.jsonl"
+    process, stt_url = await start_json_logging_worker(WorkerKind.STT, worker_log)
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), {**urls, WorkerKind.STT: [stt_url]})
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
+        caplog.set_level(logging.INFO, logger="edgestream")
+        session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
+        session_id = (await session.wait_event("session.ready", timeout=10))["session_id"]
+        await session.say(with_silence(speak(QUESTION)), 16000)
+        await session.wait_event("latency", timeout=60)
+        await session.close()
+    finally:
+        await gateway.close()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+    turn_id = f"{session_id}.1"
+    on_gateway = [r for r in caplog.records if r.name == "edgestream.gateway" and getattr(r, "turn", None) == turn_id]
+    assert on_gateway, [r.getMessage() for r in caplog.records]
+    assert all(r.session == session_id for r in on_gateway)
+    assert any("answered" in r.getMessage() for r in on_gateway)
+    lines = [json.loads(line) for line in worker_log.read_text().splitlines() if line.startswith("{")]
+    on_worker = [line for line in lines if line.get("turn") == turn_id]
+    assert any("started" in line["message"] for line in on_worker), lines
+    assert any("complete" in line["message"] for line in on_worker), lines
+    assert all(line["job"].startswith("stt/") and line["level"] in ("INFO", "WARNING") for line in on_worker)
+
+
+def test_text_log_lines_end_with_the_ids():
+    from stream import logs
+
+    logs.install()
+    formatter = logs.TextFormatter()
+    with logs.bound(session="abc", turn="abc.2"):
+        record = logging.getLogger("edgestream.test").makeRecord("edgestream.test", logging.INFO, __file__, 1, "hello %s", ("there",), None)
+    assert formatter.format(record).endswith("edgestream.test: hello there [session=abc turn=abc.2]")
