@@ -272,8 +272,12 @@ async def _spawn(*args: str, log: Path, stdin: bool = False) -> asyncio.subproce
         )
 
 
-async def run_level(harness: Harness, sessions: int, clients: int, window_s: float, seed: int) -> dict[str, Any]:
-    """One fresh gateway with ``sessions`` talking sessions: the figures over ``window_s``."""
+async def run_level(harness: Harness, sessions: int, clients: int, window_s: float, seed: int, profile: Path | None = None) -> dict[str, Any]:
+    """One fresh gateway with ``sessions`` talking sessions: the figures over ``window_s``.
+
+    With ``profile``, py-spy samples the gateway's GIL-holding thread during
+    the window and writes collapsed stacks there (``py-spy`` must be installed).
+    """
     port = _free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
     urls = harness.worker_urls
@@ -311,7 +315,15 @@ async def run_level(harness: Harness, sessions: int, clients: int, window_s: flo
             proc.stdin.write(b"start\n")
             await proc.stdin.drain()
         started = time.monotonic()
+        if profile is not None:
+            spy = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(gateway.pid), "--duration", str(int(window_s)), "--gil", "--nonblocking",
+                "--format", "raw", "--rate", "200", "--output", str(profile),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )
         await asyncio.sleep(window_s)
+        if profile is not None:
+            await spy.wait()
         for proc in procs:
             proc.stdin.write(b"stop\n")
             await proc.stdin.drain()
@@ -378,7 +390,9 @@ def _print_row(r: dict[str, Any]) -> None:
     )
 
 
-async def run_load_bench(levels: list[int], clients: int, window_s: float, repeats: int, out: Path) -> dict[str, Any]:
+async def run_load_bench(
+    levels: list[int], clients: int, window_s: float, repeats: int, out: Path, profile_dir: Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edgestream-load-") as tmp:
         harness = await _start_harness(Path(tmp))
         print(f"gateway-load: {window_s:g} s window per level, {clients} client processes, {repeats} run(s) per level; logs in {tmp}")
@@ -389,7 +403,8 @@ async def run_load_bench(levels: list[int], clients: int, window_s: float, repea
             for sessions in levels:
                 level_runs = []
                 for repeat in range(repeats):
-                    result = await run_level(harness, sessions, clients, window_s, seed=1000 * repeat + sessions)
+                    profile = None if profile_dir is None else profile_dir / f"gateway-{sessions}-{repeat}.collapsed"
+                    result = await run_level(harness, sessions, clients, window_s, seed=1000 * repeat + sessions, profile=profile)
                     _print_row(result)
                     level_runs.append(result)
                 runs += level_runs

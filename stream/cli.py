@@ -161,11 +161,14 @@ def bench_gateway_load(
     window: Annotated[float, typer.Option(help="Seconds measured per level (after all sessions are up).")] = 15.0,
     repeats: Annotated[int, typer.Option(help="Runs per level; a level passes on the median run.")] = 1,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-gateway-load.json"),
+    profile: Annotated[Optional[Path], typer.Option(help="Directory for py-spy profiles of the gateway, one per run (needs py-spy).")] = None,
 ) -> None:
     """N talking WebRTC sessions on one gateway (canned models): CPU, ingest lag p50/p99, lost frames; the largest N with p99 < 20 ms."""
     from gateway.load_bench import run_load_bench
 
-    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out))
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile))
 
 
 @bench_app.command("voice")
