@@ -40,7 +40,7 @@ QUESTIONS = [
 STAGES = ["end_of_turn", "stt_final", "first_token", "first_clause", "first_tts_audio", "first_audio_sent"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,8 +52,8 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _start_system(config: Config, workdir: Path) -> tuple[list[asyncio.subprocess.Process], str]:
-    ports = {kind: _free_port() for kind in WorkerKind}
-    gateway_port = _free_port()
+    ports = {kind: free_port() for kind in WorkerKind}
+    gateway_port = free_port()
     lines = []
     for kind in WorkerKind:
         settings = config.workers.for_kind(kind)
@@ -83,7 +83,8 @@ async def _start_system(config: Config, workdir: Path) -> tuple[list[asyncio.sub
     return processes, f"ws://127.0.0.1:{gateway_port}/session"
 
 
-async def _turn(session: GatewaySession, speech: np.ndarray, number: int) -> tuple[float, dict[str, Any]]:
+async def speak_turn(session: GatewaySession, speech: np.ndarray, number: int) -> tuple[float, dict[str, Any]]:
+    """Ask ``speech`` (16 kHz) as turn ``number``; (client-measured voice-to-voice ms, the turn's latency event), once the answer has played."""
     start_index = len(session.events)
     pad = np.zeros(4800, np.int16)  # 0.3 s of silence before the question
     speech_end = await session.say(np.concatenate([pad, speech]), 16_000)
@@ -120,7 +121,7 @@ async def run_voice_bench(turns: int, out: Path, config: Config) -> dict[str, An
             session = await GatewaySession.connect(url, loopback_ice=True)
             voice_to_voice, stages = [], []
             for number in range(1, turns + 2):  # turn 1 warms up and is not counted
-                ms, latency = await _turn(session, speech[(number - 1) % len(speech)], number)
+                ms, latency = await speak_turn(session, speech[(number - 1) % len(speech)], number)
                 if number > 1:
                     voice_to_voice.append(ms)
                     stages.append(latency)

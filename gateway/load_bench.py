@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import json
 import os
 import pickle
 import random
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -51,15 +49,18 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream.audio import OPUS_FRAME as FRAME
+from stream.audio import OPUS_RATE as RATE
+from stream.audio import OpusEncoder, opus_packet
 from stream.http import get as http_get
 from stream.protocol import WorkerKind
 from workers.server import WorkerServer
 from workers.simulated import CannedLlm, CannedTts, SimulatedStt
 
+from .bench import free_port
+
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
-RATE = 48_000
-FRAME = 960
 LOOP_SILENCE_S = 4.0
 """Silence after each question: the answer (about 2 s) plays, then the person asks again."""
 LAG_TARGET_S = 0.020
@@ -68,34 +69,31 @@ LAG_TARGET_S = 0.020
 # -- what the clients send ---------------------------------------------------------
 
 
-def speech_packets() -> tuple[list[bytes], np.ndarray, int]:
-    """(the question then silence, as 20 ms Opus packets; the answer's PCM and its rate), spoken by piper."""
+def spoken(*texts: str) -> tuple[list[np.ndarray], int]:
+    """``texts`` spoken by the embedded piper voice, and its sample rate."""
     from piper import SynthesisConfig
 
-    from stream.audio import resample
     from stream.config import Config
     from workers.launch import load_engine
 
     tts = load_engine(WorkerKind.TTS, Config().workers.tts.model_copy(update={"threads": 1}))
-    question = resample(tts.synthesize(QUESTION, SynthesisConfig()), tts.sample_rate, RATE)
-    answer = tts.synthesize(ANSWER, SynthesisConfig())
-    rate = tts.sample_rate
-    tts.close()
-    encoder = av.CodecContext.create("libopus", "w")
-    encoder.sample_rate = RATE
-    encoder.layout = "mono"
-    encoder.format = "s16"
-    encoder.time_base = fractions.Fraction(1, RATE)
+    try:
+        return [tts.synthesize(text, SynthesisConfig()) for text in texts], tts.sample_rate
+    finally:
+        tts.close()
+
+
+def speech_packets() -> tuple[list[bytes], np.ndarray, int]:
+    """(the question then silence, as 20 ms Opus packets; the answer's PCM and its rate), spoken by piper."""
+    from stream.audio import resample
+
+    (question, answer), rate = spoken(QUESTION, ANSWER)
+    question = resample(question, rate, RATE)
+    encoder = OpusEncoder()
     pcm = np.concatenate([question, np.zeros(int(LOOP_SILENCE_S * RATE), np.int16)])
     pcm = np.pad(pcm, (0, -len(pcm) % FRAME))
-    packets: list[bytes] = []
-    for i, start in enumerate(range(0, len(pcm), FRAME)):
-        frame = av.AudioFrame.from_ndarray(pcm[None, start : start + FRAME], format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = i * FRAME
-        packets += [bytes(p) for p in encoder.encode(frame)]
-    packets += [bytes(p) for p in encoder.encode(None)]
-    return packets, answer, rate
+    packets = [p for start in range(0, len(pcm), FRAME) for p in encoder.encode(pcm[start : start + FRAME])]
+    return packets + encoder.flush(), answer, rate
 
 
 class PacketTrack(MediaStreamTrack):
@@ -124,9 +122,7 @@ class PacketTrack(MediaStreamTrack):
             if due > now:
                 await asyncio.sleep(due - now)
             self.slip.append(max(0.0, time.monotonic() - due))
-        packet = av.Packet(self.packets[self.index % len(self.packets)])
-        packet.pts = self._pts
-        packet.time_base = fractions.Fraction(1, RATE)
+        packet = opus_packet(self.packets[self.index % len(self.packets)], self._pts)
         self.index += 1
         self.sent += 1
         return packet
@@ -187,12 +183,6 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
 # -- the orchestrator ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -247,10 +237,8 @@ class Harness:
     servers: list[WorkerServer]
 
 
-async def _start_harness(workdir: Path) -> Harness:
-    packets, answer, answer_rate = await asyncio.to_thread(speech_packets)
-    packets_file = workdir / "question.opus.pickle"
-    packets_file.write_bytes(pickle.dumps(packets))
+async def start_canned_workers(answer: np.ndarray, answer_rate: int) -> tuple[list[WorkerServer], dict[str, str]]:
+    """STT, LLM and TTS worker servers on loopback whose models cost nothing: the servers and their URLs by kind."""
     servers, urls = [], {}
     for kind, engine in (
         (WorkerKind.STT, SimulatedStt(0.0, text=QUESTION)),
@@ -260,6 +248,36 @@ async def _start_harness(workdir: Path) -> Harness:
         server = WorkerServer(engine, capacity=1024, worker_id=f"canned-{kind.value}")
         urls[kind.value] = f"ws://127.0.0.1:{await server.start('127.0.0.1', 0)}"
         servers.append(server)
+    return servers, urls
+
+
+def gateway_config(port: int, worker_urls: dict[str, str], extra: str = "") -> str:
+    """A gateway config using the canned workers (and no vision worker)."""
+    return (
+        f"[gateway]\nport = {port}\nloopback_ice = true\nvision_on_turn = false\n{extra}"
+        f'[gateway.workers]\nstt = ["{worker_urls["stt"]}"]\nllm = ["{worker_urls["llm"]}"]\ntts = ["{worker_urls["tts"]}"]\n'
+        'vision = ["ws://127.0.0.1:9"]\n'
+    )
+
+
+async def start_gateway(config: Path, port: int, log: Path) -> asyncio.subprocess.Process:
+    """``edgestream gateway --config CONFIG`` in its own process, once ``/readyz`` says ready."""
+    gateway = await _spawn("-m", "stream", "gateway", "--config", str(config), log=log)
+    async with asyncio.timeout(60):
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if (await http_get(f"http://127.0.0.1:{port}/readyz"))[0] == 200:
+                    return gateway
+            if gateway.returncode is not None:
+                raise RuntimeError(f"the gateway exited: see {log}")
+            await asyncio.sleep(0.2)
+
+
+async def _start_harness(workdir: Path) -> Harness:
+    packets, answer, answer_rate = await asyncio.to_thread(speech_packets)
+    packets_file = workdir / "question.opus.pickle"
+    packets_file.write_bytes(pickle.dumps(packets))
+    servers, urls = await start_canned_workers(answer, answer_rate)
     return Harness(workdir, packets_file, urls, servers)
 
 
@@ -278,24 +296,13 @@ async def run_level(harness: Harness, sessions: int, clients: int, window_s: flo
     With ``profile``, py-spy samples the gateway's GIL-holding thread during
     the window and writes collapsed stacks there (``py-spy`` must be installed).
     """
-    port = _free_port()
+    port = free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
-    urls = harness.worker_urls
-    config.write_text(
-        f"[gateway]\nport = {port}\nloopback_ice = true\nmax_sessions = {sessions + 10}\nice_timeout_s = 60\nvision_on_turn = false\n"
-        f'[gateway.workers]\nstt = ["{urls["stt"]}"]\nllm = ["{urls["llm"]}"]\ntts = ["{urls["tts"]}"]\nvision = ["ws://127.0.0.1:9"]\n'
-    )
-    log = harness.workdir / f"gateway-{sessions}.log"
-    gateway = await _spawn("-m", "stream", "gateway", "--config", str(config), log=log)
+    config.write_text(gateway_config(port, harness.worker_urls, f"max_sessions = {sessions + 10}\nice_timeout_s = 60\n"))
+    gateway = await start_gateway(config, port, harness.workdir / f"gateway-{sessions}.log")
     base = f"http://127.0.0.1:{port}"
     procs: list[asyncio.subprocess.Process] = []
     try:
-        async with asyncio.timeout(60):
-            while True:
-                with contextlib.suppress(OSError, ValueError):
-                    if (await http_get(f"{base}/readyz"))[0] == 200:
-                        break
-                await asyncio.sleep(0.2)
         shares = [sessions // clients + (1 if i < sessions % clients else 0) for i in range(clients)]
         for i, share in enumerate(s for s in shares if s):
             procs.append(

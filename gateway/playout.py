@@ -1,9 +1,17 @@
-"""The answer's audio track: 20 ms frames at 48 kHz, paced by the clock.
+"""The answer's audio track: 20 ms Opus packets at 48 kHz, paced by the clock.
 
 Answer audio is written in whatever pieces TTS produces; ``recv`` (called by
 aiortc's sender) takes exactly one 20 ms frame at a time, silence when there is
 nothing to play. ``stop`` drops everything queued, so playback stops within one
 frame on barge-in.
+
+The track hands aiortc encoded packets, not raw frames. A session is silent
+most of the time, and a silent frame is always the same 3-byte packet, so it
+is encoded once per process; only answer audio is encoded, here, in the event
+loop (about 0.1 ms a frame). Raw frames would cost, every 20 ms of every
+session, a hop to aiortc's encoder thread pool, a resample to stereo, an Opus
+encode and a Python RMS for the audio-level header: under ``bench
+gateway-load`` that outbound path was the gateway's largest cost.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from stream.audio import FrameClock, audio_frame
+from stream.audio import OPUS_FRAME, OPUS_RATE, FrameClock, OpusEncoder, opus_packet, silent_opus_packet
 
-SAMPLE_RATE = 48_000
-FRAME_SAMPLES = 960  # 20 ms
+SAMPLE_RATE = OPUS_RATE
+FRAME_SAMPLES = OPUS_FRAME  # 20 ms
 MAX_BUFFERED_S = 120.0
 """Answer audio held ahead of playback; TTS writing past it waits (backpressure)."""
 
@@ -35,6 +43,8 @@ class AnswerTrack(MediaStreamTrack):
         self._space = asyncio.Event()
         self._space.set()
         self._clock = FrameClock(FRAME_SAMPLES, SAMPLE_RATE)
+        self._encoder = OpusEncoder()
+        self._silence = silent_opus_packet()
         self._started_turns: set[int] = set()
         self._on_first_audio = on_first_audio
 
@@ -81,13 +91,16 @@ class AnswerTrack(MediaStreamTrack):
             self._space.set()
         return out, first_turn
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         pts = await self._clock.tick()
         samples, turn = self._take()
-        if turn is not None and turn not in self._started_turns:
+        if turn is None:
+            return opus_packet(self._silence, pts)
+        if turn not in self._started_turns:
             self._started_turns.add(turn)
             if self._on_first_audio is not None:
                 self._on_first_audio(turn, time.monotonic())
-        return audio_frame(samples, SAMPLE_RATE, pts)
+        packets = self._encoder.encode(samples)
+        return opus_packet(packets[0] if packets else self._silence, pts)

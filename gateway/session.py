@@ -68,6 +68,9 @@ class Session:
             raise BadOffer(f"cannot use this offer: {exc}") from None
         if not any(t.kind == "audio" for t in self.pc.getTransceivers()):
             raise BadOffer("the offer has no audio")
+        if "opus/48000" not in offer_sdp.lower():
+            # The answer track sends Opus packets as they are (gateway/playout.py).
+            raise BadOffer("the offer's audio has no Opus codec")
         self.pc.addTrack(self.answer_track)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)

@@ -89,6 +89,56 @@ def audio_frame(samples: np.ndarray, sample_rate: int, pts: int) -> av.AudioFram
     return frame
 
 
+OPUS_RATE = 48_000
+OPUS_FRAME = 960  # 20 ms
+
+
+class OpusEncoder:
+    """Mono 48 kHz int16, 20 ms at a time, to Opus packets (libopus through PyAV): one packet per frame."""
+
+    def __init__(self, bit_rate: int = 32_000) -> None:
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.sample_rate = OPUS_RATE
+        self._codec.layout = "mono"
+        self._codec.format = "s16"
+        self._codec.time_base = fractions.Fraction(1, OPUS_RATE)
+        self._codec.bit_rate = bit_rate
+        self._pts = 0
+
+    def encode(self, samples: np.ndarray) -> list[bytes]:
+        """Packets for exactly ``OPUS_FRAME`` samples (libopus gives one per frame)."""
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples, np.int16).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = OPUS_RATE
+        frame.pts = self._pts
+        self._pts += frame.samples
+        return [bytes(packet) for packet in self._codec.encode(frame)]
+
+    def flush(self) -> list[bytes]:
+        return [bytes(packet) for packet in self._codec.encode(None)]
+
+
+_silent_packet: bytes | None = None
+
+
+def silent_opus_packet() -> bytes:
+    """One 20 ms Opus packet of digital silence (3 bytes), encoded once per process."""
+    global _silent_packet
+    if _silent_packet is None:
+        encoder = OpusEncoder()
+        for _ in range(3):  # past the encoder's start-up
+            packets = encoder.encode(np.zeros(OPUS_FRAME, np.int16))
+        _silent_packet = packets[-1]
+    return _silent_packet
+
+
+def opus_packet(payload: bytes, pts: int) -> av.Packet:
+    """An encoded 48 kHz packet for a WebRTC track (aiortc sends it as it is)."""
+    packet = av.Packet(payload)
+    packet.pts = pts
+    packet.time_base = fractions.Fraction(1, OPUS_RATE)
+    return packet
+
+
 class FrameClock:
     """Paces a track's frames at real time: ``await tick()`` returns when the next frame is due."""
 

@@ -171,6 +171,17 @@ def bench_gateway_load(
     asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile))
 
 
+@bench_app.command("overhead")
+def bench_overhead(
+    turns: Annotated[int, typer.Option(help="Turns to measure (after one warm-up turn).")] = 20,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-overhead.json"),
+) -> None:
+    """The pipeline's own share of a turn (canned models, over real WebRTC): end of turn to first answer audio, p50."""
+    from gateway.overhead_bench import run_overhead_bench
+
+    asyncio.run(run_overhead_bench(turns, out))
+
+
 @bench_app.command("voice")
 def bench_voice(
     turns: Annotated[int, typer.Option(help="Turns to measure (after one warm-up turn).")] = 10,

@@ -153,6 +153,22 @@ async def test_malformed_offer_is_refused_clearly(gateway, workers, speak, messa
     await assert_gateway_still_answers(gateway, speak)
 
 
+async def test_offer_without_opus_is_refused_clearly(gateway, workers, speak):
+    from aiortc.rtcrtpsender import RTCRtpSender
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    transceiver = pc.addTransceiver("audio")
+    transceiver.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType == "audio/PCMU"])
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        reply = await signaling_reply(gateway.url, json.dumps({"type": "offer", "sdp": pc.localDescription.sdp}))
+    finally:
+        await pc.close()
+    assert reply["code"] == "bad_offer" and "Opus" in reply["message"]
+    await wait_cleaned_up(gateway, workers)
+    await assert_gateway_still_answers(gateway, speak)
+
+
 async def test_client_that_never_completes_ice_is_timed_out(gateway, workers, speak):
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no public STUN server
     pc.addTransceiver("audio")
