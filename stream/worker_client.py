@@ -158,7 +158,16 @@ class WorkerClient:
         """Connect and wait for the worker's hello (``kind``, if given, must match)."""
         protocol = Connection(Role.CLIENT, kind)
         limits = DEFAULT_LIMITS
-        websocket = await connect(url, open_timeout=open_timeout, max_size=max(limits.max_frame_bytes, limits.max_text_bytes), ping_interval=5, ping_timeout=15)
+        websocket = await connect(
+            url,
+            open_timeout=open_timeout,
+            max_size=max(limits.max_frame_bytes, limits.max_text_bytes),
+            ping_interval=5,
+            ping_timeout=15,
+            # No permessage-deflate: the frames are mostly PCM, which barely
+            # compresses, and deflating every 20 ms frame costs CPU and latency on a LAN.
+            compression=None,
+        )
         try:
             first = await asyncio.wait_for(websocket.recv(), open_timeout)
             hello = protocol.receive_text(first) if isinstance(first, str) else None

@@ -104,6 +104,7 @@ class WorkerServer:
             # websockets close the connection (code 1009).
             max_size=max(self.limits.max_frame_bytes, self.limits.max_text_bytes),
             max_queue=64,
+            compression=None,  # PCM barely compresses; see stream/worker_client.py
             ping_interval=5,
             ping_timeout=15,
         )
