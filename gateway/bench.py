@@ -97,8 +97,9 @@ async def speak_turn(session: GatewaySession, speech: np.ndarray, number: int) -
     # Let the answer finish playing before the next question (no barge-in).
     async with asyncio.timeout(60):
         while True:
+            # The gateway sends nothing between answers: no frame for 0.5 s, or only quiet ones, is the end.
             recent = [pcm for at, pcm in list(session.received)[-25:] if at > time.monotonic() - 0.5]
-            if recent and all(np.abs(pcm).max() < 300 for pcm in recent):
+            if all(np.abs(pcm).max() < 300 for pcm in recent):
                 break
             await asyncio.sleep(0.1)
     await silence

@@ -1,17 +1,23 @@
-"""The answer's audio track: 20 ms Opus packets at 48 kHz, paced by the clock.
+"""The answer's audio track: 20 ms Opus packets at 48 kHz, paced by the clock, only while there is an answer.
 
 Answer audio is written in whatever pieces TTS produces; ``recv`` (called by
-aiortc's sender) takes exactly one 20 ms frame at a time, silence when there is
-nothing to play. ``stop`` drops everything queued, so playback stops within one
-frame on barge-in.
+aiortc's sender) takes exactly one 20 ms frame at a time. ``stop`` drops
+everything queued, so playback stops within one frame on barge-in.
 
-The track hands aiortc encoded packets, not raw frames. A session is silent
-most of the time, and a silent frame is always the same 3-byte packet, so it
-is encoded once per process; only answer audio is encoded, here, in the event
-loop (about 0.1 ms a frame). Raw frames would cost, every 20 ms of every
-session, a hop to aiortc's encoder thread pool, a resample to stereo, an Opus
-encode and a Python RMS for the audio-level header: under ``bench
-gateway-load`` that outbound path was the gateway's largest cost.
+Between answers nothing is sent (discontinuous transmission, as Opus DTX and
+SFUs that drop silent packets do): ``recv`` waits for audio, and the first
+packet of an answer goes out as soon as its audio is there, stamped with the
+time elapsed since the track started, so the receiver sees a new talkspurt
+after a gap in the timestamps and plays it at once, instead of waiting for
+the next slot of a 20 ms grid. Two silent packets end each talkspurt, so the
+receiver's decoder stops on silence rather than concealing a cut.
+
+The track hands aiortc encoded packets, not raw frames: only answer audio is
+encoded, here, in the event loop (about 0.1 ms a frame). Raw frames would
+cost, every 20 ms, a hop to aiortc's encoder thread pool, a resample to
+stereo, an Opus encode and a Python RMS for the audio-level header. Under
+``bench gateway-load`` that outbound path, running all the time for silence,
+was the gateway's largest cost.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from stream.audio import OPUS_FRAME, OPUS_RATE, FrameClock, OpusEncoder, opus_pa
 
 SAMPLE_RATE = OPUS_RATE
 FRAME_SAMPLES = OPUS_FRAME  # 20 ms
+TRAILING_SILENT_PACKETS = 2
 MAX_BUFFERED_S = 120.0
 """Answer audio held ahead of playback; TTS writing past it waits (backpressure)."""
 
@@ -47,6 +54,9 @@ class AnswerTrack(MediaStreamTrack):
         self._silence = silent_opus_packet()
         self._started_turns: set[int] = set()
         self._on_first_audio = on_first_audio
+        self._audio_ready = asyncio.Event()
+        self._trailing = 0
+        """Silent packets still to send before going quiet."""
 
     @property
     def playing(self) -> bool:
@@ -65,6 +75,7 @@ class AnswerTrack(MediaStreamTrack):
         if len(samples):
             self._chunks.append((turn, samples))
             self._buffered += len(samples)
+            self._audio_ready.set()
 
     def stop(self) -> None:
         """Drop all queued audio: the next frame is silence."""
@@ -94,10 +105,18 @@ class AnswerTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        pts = await self._clock.tick()
+        if not self._chunks and not self._trailing:
+            while not self._chunks:  # quiet until there is answer audio
+                self._audio_ready.clear()
+                await self._audio_ready.wait()
+            pts = self._clock.resume()
+        else:
+            pts = await self._clock.tick()
         samples, turn = self._take()
         if turn is None:
+            self._trailing = max(0, self._trailing - 1)
             return opus_packet(self._silence, pts)
+        self._trailing = TRAILING_SILENT_PACKETS
         if turn not in self._started_turns:
             self._started_turns.add(turn)
             if self._on_first_audio is not None:

@@ -159,6 +159,21 @@ class FrameClock:
                 await asyncio.sleep(wait)
         return self.pts
 
+    def resume(self) -> int:
+        """After a pause in sending: the frame is due now; return its pts.
+
+        The pts counts the time since the start across the pause (a jump in
+        the timestamps, as after Opus DTX), and the following ticks are one
+        frame apart from now.
+        """
+        now = time.time()
+        if self._start is None:
+            self._start = now
+            return self.pts
+        self.pts = max(self.pts + self.frame_samples, int((now - self._start) * self.sample_rate))
+        self._start = now - self.pts / self.sample_rate
+        return self.pts
+
 
 class ArrivalLag:
     """How late each frame of a live stream arrives, measured against the stream's own clock.

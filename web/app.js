@@ -253,6 +253,7 @@ async function start() {
     return;
   }
   const current = session;
+  current.events.forEach(render); // any that came while connecting
   current.on("*", render);
   current.closed.then((reason) => {
     if (session !== current) return;
