@@ -564,10 +564,10 @@ class Dialog:
         """Stop everything of this conversation and cancel its jobs on the workers."""
         if self._answer is not None:
             self._answer.cancel()
-        if self.current is not None and self.current.stt_results is not None:
-            self.current.stt_results.cancel()
-            if self.current.vision is not None:
-                self.current.vision.cancel()
+        if self.current is not None:
+            for task in (self.current.stt_results, self.current.vision, self.current.finishing):
+                if task is not None:
+                    task.cancel()
         for task in list(self._tasks):
             task.cancel()
         for job in list(self.open_jobs):

@@ -47,24 +47,12 @@ async def scrape(url: str) -> dict:
     return samples(body)
 
 
-@pytest.fixture
-async def fresh_gateway(workers):
-    """A gateway of its own, so that its counters start at zero."""
-    _, urls = workers
-    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), urls)
-    port = await gateway.start("127.0.0.1", 0)
-    await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
-    gateway.url = f"ws://127.0.0.1:{port}/session"
-    yield gateway
-    await gateway.close()
-
-
-async def test_metrics_count_a_turn_and_time_its_stages(fresh_gateway, workers, speak):
+async def test_metrics_count_a_turn_and_time_its_stages(gateway, workers, speak):
     servers, urls = workers
-    gateway_url = http_base(fresh_gateway.url)
+    gateway_url = http_base(gateway.url)
     stt_url = urls[WorkerKind.STT][0].replace("ws://", "http://")
     stt_before = await scrape(stt_url)
-    session = await GatewaySession.connect(fresh_gateway.url, loopback_ice=True)
+    session = await GatewaySession.connect(gateway.url, loopback_ice=True)
     try:
         await session.say(with_silence(speak(QUESTION)), 16000)
         latency = await session.wait_event("latency", timeout=60)
@@ -94,13 +82,13 @@ async def test_metrics_count_a_turn_and_time_its_stages(fresh_gateway, workers, 
     assert value(stt_after, "edgestream_worker_capacity") == servers[WorkerKind.STT].capacity
 
 
-async def test_refusals_are_counted_by_code(fresh_gateway):
+async def test_refusals_are_counted_by_code(gateway):
     import websockets
 
-    async with websockets.connect(fresh_gateway.url) as ws:
+    async with websockets.connect(gateway.url) as ws:
         await ws.send('{"type": "offer", "sdp": 42}')
         assert json.loads(await ws.recv())["code"] == "malformed"
-    found = await scrape(http_base(fresh_gateway.url))
+    found = await scrape(http_base(gateway.url))
     assert value(found, "edgestream_errors_total", code="malformed") == 1
 
 
@@ -120,8 +108,8 @@ async def test_readiness_names_a_missing_worker_kind(workers):
         await gateway.close()
 
 
-async def test_readiness_when_every_kind_is_there(fresh_gateway):
-    status, body = await http_get(f"{http_base(fresh_gateway.url)}/readyz")
+async def test_readiness_when_every_kind_is_there(gateway):
+    status, body = await http_get(f"{http_base(gateway.url)}/readyz")
     assert status == 200 and json.loads(body) == {"ready": True, "missing": [], "sessions": 0, "workers": {k.value: True for k in WorkerKind}}
 
 
