@@ -124,6 +124,23 @@ def probe(
     sys.exit(asyncio.run(run_probe(kind, input, url, out)))
 
 
+fuzz_app = typer.Typer(no_args_is_help=True, help="Long fuzz runs (the tests run short ones under hypothesis).")
+app.add_typer(fuzz_app, name="fuzz")
+
+
+@fuzz_app.command("protocol")
+def fuzz_protocol(
+    frames: Annotated[int, typer.Option(help="Mutated frames to feed.")] = 1_000_000,
+    seed: Annotated[int, typer.Option(help="Random seed (a run is reproducible).")] = 1,
+    out: Annotated[Path, typer.Option(help="JSON report.")] = Path("fuzz-protocol.json"),
+) -> None:
+    """Mutated control messages and media frames into both sides' protocol state machines; any exception but ProtocolError is a crash."""
+    from stream.fuzz import run_fuzz
+
+    report = run_fuzz(frames, seed, out)
+    raise typer.Exit(1 if report["crashes"] else 0)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
 app.add_typer(bench_app, name="bench")
 
