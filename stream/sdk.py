@@ -164,6 +164,8 @@ class GatewaySession:
             self.pc.addTrack(self.camera)
         channel = self.pc.createDataChannel("events")
         channel.on("message", self._on_event)
+        self.channel = channel
+        """The events channel (gateway to client; the gateway refuses what a client sends on it)."""
         self.pc.on("track", self._on_track)
         connected = asyncio.Event()
 
