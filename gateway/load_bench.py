@@ -106,6 +106,8 @@ class PacketTrack(MediaStreamTrack):
         self.packets = packets
         self.index = offset
         self.sent = 0
+        self.questions = 0
+        """Times the question started from its beginning."""
         self.slip: deque[float] = deque(maxlen=10_000)
         self._start: float | None = None
         self._pts = 0
@@ -122,7 +124,9 @@ class PacketTrack(MediaStreamTrack):
             if due > now:
                 await asyncio.sleep(due - now)
             self.slip.append(max(0.0, time.monotonic() - due))
-        packet = opus_packet(self.packets[self.index % len(self.packets)], self._pts)
+        position = self.index % len(self.packets)
+        self.questions += position == 0
+        packet = opus_packet(self.packets[position], self._pts)
         self.index += 1
         self.sent += 1
         return packet
@@ -154,23 +158,28 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
     marks: dict[int, tuple[int, int, int]] = {}
     while line := (await reader.readline()).decode().strip():
         if line == "start":
-            marks = {id(s): (t.sent, s.frames_received, len(s.events)) for s, t in opened}
+            marks = {id(s): (t.sent, s.frames_received, len(s.events), t.questions) for s, t in opened}
             for _, track in opened:
                 track.slip.clear()
             started = time.monotonic()
         elif line == "stop":
             window = time.monotonic() - started
             slips = sorted(x for _, t in opened for x in t.slip) or [0.0]
-            fps, answered, errors, sent = [], 0, 0, 0
+            fps, answered, errors, sent, questions, unanswered = [], 0, 0, 0, 0, 0
             for session, track in opened:
-                sent0, received0, events0 = marks[id(session)]
+                sent0, received0, events0, questions0 = marks[id(session)]
                 sent += track.sent - sent0
+                questions += track.questions - questions0
                 fps.append((session.frames_received - received0) / window)
                 new = session.events[events0:]
-                answered += sum(1 for e in new if e.get("type") == "answer.done")
+                done = sum(1 for e in new if e.get("type") == "answer.done")
+                answered += done
                 errors += sum(1 for e in new if e.get("type") == "error")
+                # The window cuts one question at each end: more than one missing answer is a lost turn.
+                unanswered += max(0, track.questions - questions0 - done - 1)
             print(json.dumps({
                 "sessions": len(opened), "failed": failed, "sent": sent, "answers": answered, "errors": errors,
+                "questions": questions, "unanswered": unanswered,
                 "fps_back": fps, "slip_p50_ms": slips[len(slips) // 2] * 1000, "slip_p99_ms": slips[int(len(slips) * 0.99)] * 1000,
                 "closed": sum(1 for s, _ in opened if s.closed.is_set()),
             }), flush=True)
@@ -290,11 +299,21 @@ async def _spawn(*args: str, log: Path, stdin: bool = False) -> asyncio.subproce
         )
 
 
-async def run_level(harness: Harness, sessions: int, clients: int, window_s: float, seed: int, profile: Path | None = None) -> dict[str, Any]:
+async def run_level(
+    harness: Harness,
+    sessions: int,
+    clients: int,
+    window_s: float,
+    seed: int,
+    profile: Path | None = None,
+    sample_every_s: float | None = None,
+) -> dict[str, Any]:
     """One fresh gateway with ``sessions`` talking sessions: the figures over ``window_s``.
 
     With ``profile``, py-spy samples the gateway's GIL-holding thread during
     the window and writes collapsed stacks there (``py-spy`` must be installed).
+    With ``sample_every_s``, the result has a ``timeline`` of the gateway's
+    RSS and turn counts during the window (the soak run).
     """
     port = free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
@@ -328,7 +347,14 @@ async def run_level(harness: Harness, sessions: int, clients: int, window_s: flo
                 "--format", "raw", "--rate", "200", "--output", str(profile),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )
-        await asyncio.sleep(window_s)
+        timeline: list[dict[str, float]] = []
+        if sample_every_s:
+            while (t := time.monotonic() - started) < window_s:
+                now = _metrics((await http_get(f"{base}/metrics"))[1])
+                timeline.append({"t_s": round(t, 1), "rss_mb": round(_rss_mb(gateway.pid), 2), **{f"turns_{k}": v for k, v in now.get("turns", {}).items()}})
+                await asyncio.sleep(min(sample_every_s, max(0.0, window_s - (time.monotonic() - started))))
+        else:
+            await asyncio.sleep(window_s)
         if profile is not None:
             await spy.wait()
         for proc in procs:
@@ -378,6 +404,11 @@ async def run_level(harness: Harness, sessions: int, clients: int, window_s: flo
         "turns_failed": int(turns_after.get("failed", 0) - turns_before.get("failed", 0)),
         "client_slip_p99_ms": round(max(r["slip_p99_ms"] for r in reports), 2),
         "sessions_closed_early": sum(r["closed"] for r in reports),
+        "questions": sum(r["questions"] for r in reports),
+        "unanswered": sum(r["unanswered"] for r in reports),
+        "client_errors": sum(r["errors"] for r in reports),
+        "turns_empty": int(turns_after.get("empty", 0) - turns_before.get("empty", 0)),
+        "timeline": timeline,
         "passed": ready == sessions and within >= 0.99,
     }
 
@@ -450,3 +481,42 @@ def _client_main() -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
     _client_main()
+
+
+async def run_soak(sessions: int, seconds: float, sample_every_s: float, clients: int, out: Path) -> dict[str, Any]:
+    """``sessions`` talking for ``seconds``: RSS over time, lost turns and errors (``edgestream soak``)."""
+    with tempfile.TemporaryDirectory(prefix="edgestream-soak-") as tmp:
+        harness = await _start_harness(Path(tmp))
+        try:
+            result = await run_level(harness, sessions, clients, seconds, seed=sessions, sample_every_s=sample_every_s)
+        finally:
+            for server in harness.servers:
+                await server.close()
+    timeline = result["timeline"]
+    # Growth is measured from the end of the first tenth of the run: start-up allocations are not growth.
+    settled = timeline[max(0, len(timeline) // 10)]["rss_mb"] if timeline else 0.0
+    final = timeline[-1]["rss_mb"] if timeline else 0.0
+    lost = result["turns_failed"] + result["turns_empty"] + result["unanswered"] + result["sessions_closed_early"]
+    summary = {
+        "command": "soak",
+        "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
+        "date": time.strftime("%Y-%m-%d"),
+        "sessions": sessions,
+        "connected": result["connected"],
+        "seconds": seconds,
+        "questions": result["questions"],
+        "turns_answered": result["turns_answered"],
+        "lost_turns": lost,
+        "client_errors": result["client_errors"],
+        "rss_settled_mb": settled,
+        "rss_final_mb": final,
+        "rss_growth_pct": round(100 * (final - settled) / settled, 2) if settled else None,
+        "targets": "RSS growth < 5%, no lost turn",
+        "ingest_lag_p99_ms": result["ingest_lag_p99_ms"],
+        "timeline": timeline,
+    }
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"soak: {sessions} sessions for {seconds:g} s: {result['questions']} questions, {result['turns_answered']} answered, "
+          f"{lost} lost turns, {result['client_errors']} errors at clients")
+    print(f"  gateway RSS {settled:.1f} MB (after the first tenth) -> {final:.1f} MB: {summary['rss_growth_pct']}% (target < 5%); JSON in {out}")
+    return summary

@@ -141,6 +141,21 @@ def fuzz_protocol(
     raise typer.Exit(1 if report["crashes"] else 0)
 
 
+@app.command()
+def soak(
+    sessions: Annotated[int, typer.Option(help="Concurrent talking sessions.")] = 20,
+    minutes: Annotated[float, typer.Option(help="How long they talk.")] = 30.0,
+    sample_every: Annotated[float, typer.Option(help="Seconds between samples of RSS and turn counts.")] = 30.0,
+    clients: Annotated[int, typer.Option(help="Client processes.")] = 2,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("soak.json"),
+) -> None:
+    """Sessions talking to one gateway for a long time (canned models): RSS over time, lost turns, errors."""
+    from gateway.load_bench import run_soak
+
+    summary = asyncio.run(run_soak(sessions, minutes * 60, sample_every, clients, out))
+    raise typer.Exit(1 if summary["lost_turns"] or summary["connected"] < sessions else 0)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
 app.add_typer(bench_app, name="bench")
 
