@@ -46,7 +46,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 1)
 
@@ -141,7 +141,7 @@ async def run_voice_bench(turns: int, out: Path, config: Config) -> dict[str, An
         "turns": turns,
         "end_silence_ms": config.gateway.end_silence_ms,
         "speculate_after_ms": config.gateway.speculate_after_ms,
-        "voice_to_voice_ms": {"p50": _percentile(voice_to_voice, 0.5), "p95": _percentile(voice_to_voice, 0.95), "all": [round(v, 1) for v in voice_to_voice]},
+        "voice_to_voice_ms": {"p50": percentile(voice_to_voice, 0.5), "p95": percentile(voice_to_voice, 0.95), "all": [round(v, 1) for v in voice_to_voice]},
         "stage_medians_ms": medians,
     }
     print(f"voice-to-voice p50 {results['voice_to_voice_ms']['p50']} ms, p95 {results['voice_to_voice_ms']['p95']} ms over {turns} turns")

@@ -29,13 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from stream.audio import resample
 from stream.config import GatewaySettings
 from stream.sdk import GatewaySession
 
-from .bench import STAGES, free_port, speak_turn
-from .load_bench import ANSWER, QUESTION, gateway_config, spoken, start_canned_workers, start_gateway
+from .bench import STAGES, free_port, percentile, speak_turn
+from .load_bench import (
+    ANSWER,
+    QUESTION,
+    gateway_config,
+    spoken,
+    start_canned_workers,
+    start_gateway,
+)
 
 GAPS = [
     ("end_of_turn", "stt_final", "final transcript"),
@@ -44,11 +50,6 @@ GAPS = [
     ("first_clause", "first_tts_audio", "first TTS audio"),
     ("first_tts_audio", "first_audio_sent", "playout"),
 ]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
@@ -84,7 +85,7 @@ async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "turns": len(rows),
         "overhead_p50_ms": round(statistics.median(overhead), 1),
-        "overhead_p95_ms": round(_percentile(overhead, 0.95), 1),
+        "overhead_p95_ms": percentile(overhead, 0.95),
         "overhead_min_ms": round(min(overhead), 1),
         "stage_gaps_p50_ms": {k: round(v, 1) for k, v in gaps.items()},
         "end_detection_beyond_silence_p50_ms": round(statistics.median(detection), 1),

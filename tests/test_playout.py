@@ -7,7 +7,12 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.playout import FRAME_SAMPLES, SAMPLE_RATE, TRAILING_SILENT_PACKETS, AnswerTrack
+from gateway.playout import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    TRAILING_SILENT_PACKETS,
+    AnswerTrack,
+)
 from stream.audio import ArrivalLag, silent_opus_packet
 
 
