@@ -47,13 +47,16 @@ from .protocol import (
 )
 
 MAX_REPORTED = 20
+HELLO = Hello(
+    worker_id="stt@x", kind=WorkerKind.STT, model_id="m", model_sha256="0" * 64, capacity=2, software="s", max_text_bytes=65536, max_frame_bytes=4 << 20
+)
 
 
 def corpus() -> list[bytes]:
     """Valid frames of every type, as they go over the wire."""
     pcm = np.zeros(320, np.int16).tobytes()
     messages = [
-        Hello(worker_id="stt@x", kind=WorkerKind.STT, model_id="m", model_sha256="0" * 64, capacity=2, software="s", max_text_bytes=1024, max_frame_bytes=4096),
+        HELLO,
         JobStart(job_id=7, kind=WorkerKind.STT, params={"language": "en"}, trace="abc.1"),
         JobStart(job_id=8, kind=WorkerKind.LLM, params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
         JobText(job_id=7, seq=0, text="hello there"),
@@ -103,9 +106,7 @@ def _sides() -> list[Connection]:
     worker = Connection(Role.WORKER, WorkerKind.STT)
     worker.receive_text(encode_message(JobStart(job_id=7, kind=WorkerKind.STT)))
     client = Connection(Role.CLIENT)
-    client.receive_text(
-        encode_message(Hello(worker_id="stt@x", kind=WorkerKind.STT, model_id="m", model_sha256="0" * 64, capacity=2, software="s", max_text_bytes=65536, max_frame_bytes=4 << 20))
-    )
+    client.receive_text(encode_message(HELLO))
     client.send(JobStart(job_id=7, kind=WorkerKind.STT))
     return [worker, client]
 
