@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stream.audio import OPUS_FRAME as FRAME
 from stream.audio import OPUS_RATE as RATE
-from stream.audio import OpusEncoder, opus_packet
+from stream.audio import FrameClock, OpusEncoder, opus_packet
 from stream.http import get as http_get
 from stream.protocol import WorkerKind
 from workers.server import WorkerServer
@@ -109,24 +109,16 @@ class PacketTrack(MediaStreamTrack):
         self.questions = 0
         """Times the question started from its beginning."""
         self.slip: deque[float] = deque(maxlen=10_000)
-        self._start: float | None = None
-        self._pts = 0
+        self._clock = FrameClock(FRAME, RATE)
 
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
-        else:
-            self._pts += FRAME
-            due = self._start + self._pts / RATE
-            if due > now:
-                await asyncio.sleep(due - now)
-            self.slip.append(max(0.0, time.monotonic() - due))
+        pts = await self._clock.tick()
+        self.slip.append(max(0.0, time.time() - self._clock.due))
         position = self.index % len(self.packets)
         self.questions += position == 0
-        packet = opus_packet(self.packets[position], self._pts)
+        packet = opus_packet(self.packets[position], pts)
         self.index += 1
         self.sent += 1
         return packet
@@ -155,10 +147,10 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
     print(json.dumps({"ready": len(opened), "failed": failed}), flush=True)
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    marks: dict[int, tuple[int, int, int]] = {}
+    marks: list[tuple[int, int, int, int]] = []
     while line := (await reader.readline()).decode().strip():
         if line == "start":
-            marks = {id(s): (t.sent, s.frames_received, len(s.events), t.questions) for s, t in opened}
+            marks = [(t.sent, s.frames_received, len(s.events), t.questions) for s, t in opened]
             for _, track in opened:
                 track.slip.clear()
             started = time.monotonic()
@@ -166,8 +158,7 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
             window = time.monotonic() - started
             slips = sorted(x for _, t in opened for x in t.slip) or [0.0]
             fps, answered, errors, sent, questions, unanswered = [], 0, 0, 0, 0, 0
-            for session, track in opened:
-                sent0, received0, events0, questions0 = marks[id(session)]
+            for (session, track), (sent0, received0, events0, questions0) in zip(opened, marks):
                 sent += track.sent - sent0
                 questions += track.questions - questions0
                 fps.append((session.frames_received - received0) / window)
@@ -211,7 +202,7 @@ def _metrics(text: str) -> dict[str, Any]:
         for sample in family.samples:
             if sample.name == "edgestream_ingest_lag_seconds_bucket":
                 out["lag_buckets"][float(sample.labels["le"])] = sample.value
-            elif sample.name in ("edgestream_audio_frames_total", "edgestream_audio_frames_lost_total", "edgestream_ingest_lag_seconds_count"):
+            elif sample.name in ("edgestream_audio_frames_total", "edgestream_audio_frames_lost_total"):
                 out[sample.name] = sample.value
             elif sample.name == "edgestream_turns_total":
                 out.setdefault("turns", {})[sample.labels["outcome"]] = sample.value

@@ -146,15 +146,18 @@ class FrameClock:
         self.frame_samples = frame_samples
         self.sample_rate = sample_rate
         self.pts = 0
+        self.due = 0.0
+        """Wall-clock time the last frame was due (a caller can measure how late it is)."""
         self._start: float | None = None
 
     async def tick(self) -> int:
         """Wait for the next frame's time; return its pts."""
         if self._start is None:
-            self._start = time.time()
+            self._start = self.due = time.time()
         else:
             self.pts += self.frame_samples
-            wait = self._start + self.pts / self.sample_rate - time.time()
+            self.due = self._start + self.pts / self.sample_rate
+            wait = self.due - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
         return self.pts
@@ -172,6 +175,7 @@ class FrameClock:
             return self.pts
         self.pts = max(self.pts + self.frame_samples, int((now - self._start) * self.sample_rate))
         self._start = now - self.pts / self.sample_rate
+        self.due = now
         return self.pts
 
 

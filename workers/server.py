@@ -5,10 +5,9 @@ this module moves frames between it, the socket and the engine, and keeps the
 worker's shared state (capacity, service rate) across connections.
 
 The same port answers plain HTTP: ``GET /healthz`` (the process is up),
-``GET /readyz`` (200 while it takes another job; 503 when full or shutting
-down) and
-``GET /metrics`` (Prometheus, ``workers/metrics.py``). Any other path is the
-worker protocol's WebSocket.
+``GET /readyz`` (200 while it takes another job, 503 when full) and ``GET
+/metrics`` (Prometheus, ``workers/metrics.py``). Any other path is the worker
+protocol's WebSocket.
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ class WorkerServer:
         self.sessions: set[WorkerSession] = set()
         self._slots = asyncio.Semaphore(capacity)
         self._server: Server | None = None
-        self.closing = False
         self.metrics = WorkerMetrics(self)
         logs.install()
 
@@ -114,7 +112,6 @@ class WorkerServer:
         return bound
 
     async def close(self) -> None:
-        self.closing = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -139,7 +136,7 @@ class WorkerServer:
             if path == "/healthz":
                 return json_response({"ok": True, **state})
             # Not ready while full: another job would be refused with ``busy``.
-            missing = ["shutting_down"] if self.closing else [] if self.admits_another() else ["capacity"]
+            missing = [] if self.admits_another() else ["capacity"]
             return readiness_response(missing, state)
         return None  # the worker protocol's WebSocket handshake goes on
 
