@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,9 +155,24 @@ class WorkerClient:
         self._reader = asyncio.create_task(self._read(), name=f"worker-client {url}")
 
     @classmethod
-    async def connect(cls, url: str, kind: WorkerKind | None = None, open_timeout: float = 10.0) -> WorkerClient:
-        """Connect and wait for the worker's hello (``kind``, if given, must match)."""
-        protocol = Connection(Role.CLIENT, kind)
+    async def connect(
+        cls,
+        url: str,
+        kind: WorkerKind | None = None,
+        open_timeout: float = 10.0,
+        *,
+        key: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> WorkerClient:
+        """Connect, take the worker's hello (``kind``, if given, must match), and authenticate.
+
+        With ``key``, the worker must prove that it holds the same key before
+        this returns (:mod:`stream.protocol.auth`); a worker that cannot, or
+        asks for a key this client lacks, raises :class:`ProtocolError` with
+        code ``unauthorized``. ``ssl_context`` verifies a ``wss://`` worker's
+        certificate (``stream/tls.py``).
+        """
+        protocol = Connection(Role.CLIENT, kind, key=key)
         limits = DEFAULT_LIMITS
         websocket = await connect(
             url,
@@ -167,12 +183,22 @@ class WorkerClient:
             # No permessage-deflate: the frames are mostly PCM, which barely
             # compresses, and deflating every 20 ms frame costs CPU and latency on a LAN.
             compression=None,
+            ssl=ssl_context if url.startswith("wss:") else None,
         )
         try:
-            first = await asyncio.wait_for(websocket.recv(), open_timeout)
-            hello = protocol.receive_text(first) if isinstance(first, str) else None
-            if not isinstance(hello, Hello):
-                raise ProtocolError(ErrorCode.BAD_STATE, "the worker did not start with hello")
+            async with asyncio.timeout(open_timeout):
+                first = await websocket.recv()
+                hello = protocol.receive_text(first) if isinstance(first, str) else None
+                if not isinstance(hello, Hello):
+                    raise ProtocolError(ErrorCode.BAD_STATE, "the worker did not start with hello")
+                if not protocol.authenticated:
+                    await websocket.send(protocol.send(protocol.auth()))
+                    reply = await websocket.recv()
+                    message = protocol.receive_text(reply) if isinstance(reply, str) else None
+                    if isinstance(message, Error):
+                        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"worker {hello.worker_id} refused: {message.message}")
+                    if not protocol.authenticated:
+                        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"worker {hello.worker_id} did not answer auth")
         except BaseException:
             await websocket.close()
             raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from stream import __version__, logs
 from stream.http import json_response, metrics_response, readiness_response
 from stream.protocol import (
     DEFAULT_LIMITS,
+    Auth,
     Connection,
     Error,
     ErrorCode,
@@ -47,6 +49,7 @@ from stream.protocol import (
     ProtocolError,
     Role,
 )
+from stream.protocol.auth import new_nonce
 from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
@@ -55,6 +58,9 @@ from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 
 log = logging.getLogger("edgestream.worker")
+
+AUTH_TIMEOUT_S = 10.0
+"""A client of a worker with a key must prove it within this, or is disconnected."""
 
 
 class WorkerServer:
@@ -69,8 +75,11 @@ class WorkerServer:
         worker_id: str = "",
         report_interval_s: float = 1.0,
         limits: Limits = DEFAULT_LIMITS,
+        key: bytes | None = None,
     ) -> None:
         self.engine = engine
+        self.key = key
+        """The key shared with gateways: with it, only a client that proves it may run jobs."""
         self.kind = engine.kind
         self.capacity = capacity
         self.max_queue = max_queue
@@ -90,8 +99,8 @@ class WorkerServer:
 
     # -- lifecycle ------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0 picks a free port); return the bound port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (0 picks a free port), over TLS with ``ssl_context``; return the bound port."""
         self._server = await serve(
             self._handle,
             host,
@@ -105,6 +114,7 @@ class WorkerServer:
             compression=None,  # PCM barely compresses; see stream/worker_client.py
             ping_interval=5,
             ping_timeout=15,
+            ssl=ssl_context,
         )
         bound = self._server.sockets[0].getsockname()[1]
         if not self.worker_id:
@@ -142,7 +152,7 @@ class WorkerServer:
 
     # -- shared state -----------------------------------------------------------
 
-    def hello(self) -> Hello:
+    def hello(self, challenge: str | None = None) -> Hello:
         return Hello(
             worker_id=self.worker_id,
             kind=self.kind,
@@ -152,6 +162,7 @@ class WorkerServer:
             software=f"edgestream/{__version__}",
             max_text_bytes=self.limits.max_text_bytes,
             max_frame_bytes=self.limits.max_frame_bytes,
+            challenge=challenge,
         )
 
     def load_report(self, own_jobs: int = 0) -> LoadReport:
@@ -206,21 +217,51 @@ class WorkerSession:
     def __init__(self, server: WorkerServer, websocket: ServerConnection) -> None:
         self.server = server
         self.websocket = websocket
-        self.protocol = Connection(Role.WORKER, server.kind, server.limits)
+        self.protocol = Connection(Role.WORKER, server.kind, server.limits, key=server.key)
         self.jobs: dict[int, tuple[Job, asyncio.Task[None]]] = {}
         self.peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"
 
     async def run(self) -> None:
-        reporter = asyncio.create_task(self._report_load_periodically())
+        reporter: asyncio.Task[None] | None = None
         try:
-            await self._send(self.server.hello())
+            await self._send(self.server.hello(challenge=new_nonce() if self.server.key else None))
+            if not self.protocol.authenticated and not await self._authenticate():
+                return
+            reporter = asyncio.create_task(self._report_load_periodically())
             async for data in self.websocket:
                 await self._receive(data)
         except websockets.ConnectionClosed:
             pass
         finally:
-            reporter.cancel()
+            if reporter is not None:
+                reporter.cancel()
             await self._abandon_jobs()
+
+    async def _authenticate(self) -> bool:
+        """Take the client's ``auth`` and answer ``auth.ok``; refuse and close on anything else."""
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT_S):
+                data = await self.websocket.recv()
+            message = self.protocol.receive_text(data) if isinstance(data, str) else self.protocol.receive_binary(data)
+            if not isinstance(message, Auth):
+                raise ProtocolError(ErrorCode.UNAUTHORIZED, "this worker needs proof of the key first")
+        except TimeoutError:
+            await self._reject(ProtocolError(ErrorCode.UNAUTHORIZED, f"no auth within {AUTH_TIMEOUT_S:g} s"))
+            return False
+        except ProtocolError as exc:
+            await self._reject(exc)
+            return False
+        await self._send(self.protocol.auth_ok())
+        log.info("%s %s: client authenticated", self.server.worker_id, self.peer)
+        return True
+
+    async def _reject(self, exc: ProtocolError) -> None:
+        """Refuse an unauthenticated client: one error, then the connection closes."""
+        log.warning("%s %s: refused before auth: %s", self.server.worker_id, self.peer, exc)
+        self.server.metrics.error_sent(exc.code.value)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self._send(self.protocol.error_for(exc))
+            await self.websocket.close(1008, exc.code.value)
 
     async def _receive(self, data: str | bytes) -> None:
         try:

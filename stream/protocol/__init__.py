@@ -3,7 +3,8 @@
 - :mod:`.messages`: typed JSON control messages.
 - :mod:`.frames`: binary media frames with a fixed 16-byte header.
 - :mod:`.codec`: stateless bytes <-> message conversion under hard size limits.
-- :mod:`.connection`: the per-connection state machine (hello, job lifecycle).
+- :mod:`.connection`: the per-connection state machine (hello, auth, job lifecycle).
+- :mod:`.auth`: the HMAC proofs with which gateway and worker authenticate each other.
 - :mod:`.jobs`: kind-specific job parameters and results.
 """
 
@@ -13,6 +14,8 @@ from .errors import ErrorCode, ProtocolError
 from .frames import HEADER_SIZE, MediaFormat, MediaFrame, decode_frame, encode_frame
 from .messages import (
     PROTOCOL_VERSION,
+    Auth,
+    AuthOk,
     Error,
     Hello,
     JobCancel,
@@ -29,7 +32,7 @@ from .messages import (
 
 __all__ = [
     "DEFAULT_LIMITS", "HEADER_SIZE", "PROTOCOL_VERSION",
-    "Connection", "Error", "ErrorCode", "Hello", "JobCancel", "JobDone", "JobEnd", "JobPhase",
+    "Auth", "AuthOk", "Connection", "Error", "ErrorCode", "Hello", "JobCancel", "JobDone", "JobEnd", "JobPhase",
     "JobResult", "JobStart", "JobText", "Limits", "LoadReport", "LoadRequest", "LocalProtocolError",
     "MediaFormat", "MediaFrame", "Message", "ProtocolError", "Role", "WorkerKind",
     "decode_frame", "decode_message", "encode_frame", "encode_message",

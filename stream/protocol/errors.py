@@ -32,6 +32,8 @@ class ErrorCode(str, enum.Enum):
     """Media in a format the job cannot take (wrong rate, channels, codec)."""
     LIMIT = "limit"
     """A per-job limit was hit (utterance length, tokens, text size)."""
+    UNAUTHORIZED = "unauthorized"
+    """No valid proof of the shared key (or none asked for where one is required)."""
     BUSY = "busy"
     """The worker is at capacity; try another worker."""
     INTERNAL = "internal"

@@ -11,6 +11,8 @@ Direction of each message:
 type                      sent by             meaning
 ========================  ==================  ==========================================
 ``hello``                 worker              first message: who the worker is
+``auth``                  client              proof of the shared key (when hello asks)
+``auth.ok``               worker              the worker's own proof; jobs may start
 ``job.start``             client (gateway)    open a job; kind-specific ``params``
 ``job.text``              client              a piece of text input (TTS)
 ``job.end``               client              no more input for this job
@@ -41,6 +43,8 @@ MAX_JOB_ID = 2**32 - 1
 JobId = Annotated[int, Field(ge=1, le=MAX_JOB_ID)]
 Seq = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ShortText = Annotated[str, Field(max_length=256)]
+Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Proof = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class WorkerKind(str, enum.Enum):
@@ -70,6 +74,24 @@ class Hello(_Message):
     software: ShortText
     max_text_bytes: Annotated[int, Field(ge=1)]
     max_frame_bytes: Annotated[int, Field(ge=1)]
+    challenge: Nonce | None = None
+    """Set by a worker that holds a key: the client must answer ``auth`` before anything else
+    (:mod:`.auth`). ``None``: the worker takes jobs from anyone who can reach it."""
+
+
+class Auth(_Message):
+    """The client's answer to the hello's challenge: its nonce and its proof of the key."""
+
+    type: Literal["auth"] = "auth"
+    nonce: Nonce
+    proof: Proof
+
+
+class AuthOk(_Message):
+    """The worker accepted the client's proof; its own proof lets the client check the worker."""
+
+    type: Literal["auth.ok"] = "auth.ok"
+    proof: Proof
 
 
 class JobStart(_Message):
@@ -160,14 +182,14 @@ class LoadReport(_Message):
 
 
 Message = Annotated[
-    Union[Hello, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport],
+    Union[Hello, Auth, AuthOk, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport],
     Field(discriminator="type"),
 ]
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport)
+    for cls in (Hello, Auth, AuthOk, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport)
 }
 
-SENT_BY_WORKER = frozenset({Hello, JobResult, JobDone, Error, LoadReport})
-SENT_BY_CLIENT = frozenset({JobStart, JobText, JobEnd, JobCancel, Error, LoadRequest})
+SENT_BY_WORKER = frozenset({Hello, AuthOk, JobResult, JobDone, Error, LoadReport})
+SENT_BY_CLIENT = frozenset({Auth, JobStart, JobText, JobEnd, JobCancel, Error, LoadRequest})
