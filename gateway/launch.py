@@ -13,10 +13,14 @@ from .server import Gateway
 
 async def serve_gateway(config: Config) -> None:
     settings = config.gateway
-    gateway = Gateway(settings, config.worker_urls())
+    gateway = Gateway(settings, config.worker_urls(), config.security)
     port = await gateway.start()
     host = settings.host
-    print(f"edgestream gateway listening on http://{host}:{port}/ (signaling ws://{host}:{port}/session)", flush=True)
+    web, ws = ("https", "wss") if gateway.ssl_context else ("http", "ws")
+    print(f"edgestream gateway listening on {web}://{host}:{port}/ (signaling {ws}://{host}:{port}/session)", flush=True)
+    security = config.security
+    print(f"  clients: {'a token from ' + security.client_tokens_file if gateway.tokens else 'no token needed (loopback only)'}", flush=True)
+    print(f"  worker links: {'authenticated with ' + security.worker_key_file if gateway.pool.key else 'not authenticated'}", flush=True)
     for kind, urls in config.worker_urls().items():
         print(f"  {kind.value} workers: {', '.join(urls)}", flush=True)
     if settings.discover:

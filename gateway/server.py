@@ -1,11 +1,19 @@
 """The gateway's front door: WebSocket signaling at ``/session``, the demo page, health.
 
-Signaling (JSON text messages on ``ws://HOST:PORT/session``):
+Signaling (JSON text messages on ``ws://HOST:PORT/session``, ``wss://`` with TLS):
 
-- client -> gateway: ``{"type": "offer", "sdp": "..."}`` with ICE gathering
-  complete (aiortc takes no trickled candidates), within 10 s of connecting.
+- client -> gateway: ``{"type": "offer", "sdp": "...", "token": "..."}`` with
+  ICE gathering complete (aiortc takes no trickled candidates), within 10 s of
+  connecting. ``token`` is needed when the gateway has a token file
+  (``gateway/tokens.py``); a gateway listening on anything but loopback
+  always has one.
 - gateway -> client: ``{"type": "answer", "sdp": "...", "session_id": "..."}``,
   or ``{"type": "error", "code": "...", "message": "..."}`` and a close.
+  Refusal codes: ``timeout``, ``malformed``, ``unauthorized``,
+  ``too_many_sessions``, ``too_many_client_sessions``, ``bad_offer``; a
+  live session may end with ``ice_timeout``, ``connection_failed``,
+  ``token_revoked`` or ``shutting_down``. A message over 64 KiB closes the
+  socket with code 1009.
 
 The session lives as long as this WebSocket: closing it ends the session, and
 the gateway closes it (with an ``error`` first) when ICE does not complete in
@@ -30,14 +38,15 @@ import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from stream import logs
-from stream.config import GatewaySettings
+from stream import keys, logs, tls
+from stream.config import GatewaySettings, SecuritySettings, is_loopback
 from stream.http import json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
 
 from .metrics import GatewayMetrics
 from .selection import POLICIES
 from .session import BadOffer, Session
+from .tokens import TokenChecker
 from .worker_pool import WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
@@ -45,20 +54,39 @@ log = logging.getLogger("edgestream.gateway")
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 MAX_SIGNALING_BYTES = 64 * 1024
 OFFER_TIMEOUT_S = 10.0
+TOKEN_CHECK_INTERVAL_S = 1.0
+"""How often the token file is checked for changes (a revoked token's sessions end within this)."""
 # The page's own types, so serving it does not depend on the system's mime.types
 # (a module script with the wrong type does not run).
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
+class ExposureError(ValueError):
+    """The gateway would listen beyond this box with nothing to keep strangers out."""
+
+
 class Gateway:
-    def __init__(self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]]) -> None:
+    def __init__(
+        self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]], security: SecuritySettings = SecuritySettings()
+    ) -> None:
         self.settings = settings
+        self.security = security
         self.metrics = GatewayMetrics()
-        self.pool = WorkerPool(worker_urls, policy=POLICIES[settings.selection](), metrics=self.metrics)
+        self.tokens = TokenChecker(security.client_tokens_file) if security.client_tokens_file else None
+        self.ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
+        key = keys.load_key(security.worker_key_file) if security.worker_key_file else None
+        self.pool = WorkerPool(
+            worker_urls,
+            policy=POLICIES[settings.selection](),
+            metrics=self.metrics,
+            key=key,
+            ssl_context=tls.client_context(security.tls_ca or None),
+        )
         self.sessions: dict[str, Session] = {}
         self.metrics.watch(self.pool, lambda: self.sessions.values())
         logs.install()
         self._server: Server | None = None
+        self._token_watch: asyncio.Task[None] | None = None
         self._closing = False
         self.discovery = None
         if settings.loopback_ice:
@@ -66,7 +94,17 @@ class Gateway:
 
             allow_loopback_ice()
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context else "http"
+
     async def start(self, host: str | None = None, port: int | None = None) -> int:
+        host = host or self.settings.host
+        if self.tokens is None and not is_loopback(host):
+            raise ExposureError(
+                f"listening on {host} lets anyone on the network in: set [security] client_tokens_file "
+                "(create tokens with `edgestream token create NAME`), or listen on 127.0.0.1"
+            )
         self.pool.start()
         if self.settings.discover:
             from .discovery import Discovery
@@ -75,15 +113,20 @@ class Gateway:
             await self.discovery.start()
         self._server = await serve(
             self._handle,
-            host or self.settings.host,
+            host,
             self.settings.port if port is None else port,
             process_request=self._http,
             max_size=MAX_SIGNALING_BYTES,
+            ssl=self.ssl_context,
         )
+        if self.tokens is not None:
+            self._token_watch = asyncio.create_task(self._watch_tokens(), name="token file")
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         self._closing = True  # sessions end with "shutting_down", not "connection_failed"
+        if self._token_watch is not None:
+            self._token_watch.cancel()
         for session in list(self.sessions.values()):
             await session.close()
         if self._server is not None:
@@ -125,6 +168,8 @@ class Gateway:
             offer = json.loads(raw)
             if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
                 raise ValueError('expected {"type": "offer", "sdp": "..."}')
+            if not isinstance(offer.get("token", ""), str):
+                raise ValueError("token: expected a string")
         except TimeoutError:
             await self._refuse(websocket, "timeout", f"no offer within {OFFER_TIMEOUT_S:g} s", peer)
             return
@@ -133,10 +178,19 @@ class Gateway:
             return
         except websockets.ConnectionClosed:
             return
+        client = self._client(offer.get("token", ""), websocket)
+        if client is None:
+            reason = "this gateway needs a token (offer.token)" if not offer.get("token") else "unknown or revoked token"
+            await self._refuse(websocket, "unauthorized", reason, peer)
+            return
         if len(self.sessions) >= self.settings.max_sessions:
             await self._refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
             return
-        session = Session(self.pool, self.settings, self.metrics)
+        if sum(1 for s in self.sessions.values() if s.client == client) >= self.settings.max_sessions_per_client:
+            limit = self.settings.max_sessions_per_client
+            await self._refuse(websocket, "too_many_client_sessions", f"client {client} holds {limit} sessions already (the most per client)", peer)
+            return
+        session = Session(self.pool, self.settings, self.metrics, client)
         logs.session_id.set(session.id)  # this task's log lines (and its children's) name the session
         self.sessions[session.id] = session
         self.metrics.sessions.inc()
@@ -170,7 +224,10 @@ class Gateway:
         for task in (closed, gone):
             task.cancel()
         if session.closed.is_set():
-            if self._closing:
+            if session.end_reason is not None:
+                code, message = session.end_reason
+                error = {"type": "error", "code": code, "message": message}
+            elif self._closing:
                 error = {"type": "error", "code": "shutting_down", "message": "the gateway is shutting down"}
             else:
                 error = {"type": "error", "code": "connection_failed", "message": "the WebRTC connection failed"}
@@ -178,6 +235,27 @@ class Gateway:
             with contextlib.suppress(websockets.ConnectionClosed):
                 await websocket.send(json.dumps(error))
                 await websocket.close()
+
+    def _client(self, token: str, websocket: ServerConnection) -> str | None:
+        """Who is asking: the token's name, or the address where no token is needed; ``None``: refused."""
+        if self.tokens is None:
+            address = websocket.remote_address
+            return str(address[0]) if address else "?"
+        return self.tokens.client(token)
+
+    async def _watch_tokens(self) -> None:
+        """Follow the token file; end the sessions of a token that was revoked."""
+        assert self.tokens is not None
+        while True:
+            await asyncio.sleep(TOKEN_CHECK_INTERVAL_S)
+            if not self.tokens.reload():
+                continue
+            valid = self.tokens.valid_names()
+            for session in list(self.sessions.values()):
+                if session.client not in valid:
+                    log.warning("session %s: token of client %s revoked; closing", session.id, session.client)
+                    session.end_reason = ("token_revoked", "this session's token was revoked")
+                    await session.close()
 
     async def _refuse(self, websocket: ServerConnection, code: str, message: str, who: str) -> None:
         log.warning("signaling %s refused: %s: %s", who, code, message)

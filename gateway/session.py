@@ -38,8 +38,12 @@ class BadOffer(ValueError):
 
 
 class Session:
-    def __init__(self, pool: WorkerPool, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, pool: WorkerPool, settings: GatewaySettings, metrics: GatewayMetrics, client: str = "") -> None:
         self.id = uuid.uuid4().hex[:12]
+        self.client = client
+        """Who opened it: a token's name, or an address (``max_sessions_per_client`` counts by it)."""
+        self.end_reason: tuple[str, str] | None = None
+        """(code, message) the client is told when the gateway ends the session on purpose."""
         self.settings = settings
         self.metrics = metrics
         # No ICE server unless configured: aiortc's default is a public STUN

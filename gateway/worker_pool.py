@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ class PooledWorker:
         while True:
             connected_at = None
             try:
-                self.client = await WorkerClient.connect(self.url, self.kind, open_timeout=settings.connect_timeout_s)
+                self.client = await WorkerClient.connect(
+                    self.url, self.kind, open_timeout=settings.connect_timeout_s, key=self.pool.key, ssl_context=self.pool.ssl_context
+                )
                 hello = self.client.hello
                 if self.expect_model is not None and (hello.model_id, hello.model_sha256) != self.expect_model:
                     raise ValueError(f"serves {hello.model_id} {hello.model_sha256[:12]}, announced {self.expect_model[0]} {self.expect_model[1][:12]}")
@@ -207,7 +210,14 @@ class WorkerPool:
         settings: PoolSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
+        *,
+        key: bytes | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self.key = key
+        """The key workers must prove they hold (and this gateway proves to them); ``None``: no authentication."""
+        self.ssl_context = ssl_context
+        """Verifies ``wss://`` workers' certificates."""
         self.policy: Policy = policy or LatencyAware()
         self.metrics = metrics or GatewayMetrics()
         self.settings = settings or PoolSettings()

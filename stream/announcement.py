@@ -9,6 +9,7 @@ properties (all strings)::
     capacity  jobs run at once
     proto     worker protocol version
     path      WebSocket path (optional, default "/")
+    tls       "1" when the worker serves wss:// (optional)
 
 The worker publishes, the gateway browses (``workers/announce.py``,
 ``gateway/discovery.py``); both share this module so they cannot disagree.
@@ -40,9 +41,12 @@ class Announcement:
     url: str
 
 
-def properties(kind: WorkerKind, model_id: str, model_sha256: str, capacity: int) -> dict[str, str]:
+def properties(kind: WorkerKind, model_id: str, model_sha256: str, capacity: int, tls: bool = False) -> dict[str, str]:
     """The TXT properties a worker publishes."""
-    return {"kind": kind.value, "model": model_id, "sha256": model_sha256, "capacity": str(capacity), "proto": str(PROTOCOL_VERSION), "path": "/"}
+    props = {"kind": kind.value, "model": model_id, "sha256": model_sha256, "capacity": str(capacity), "proto": str(PROTOCOL_VERSION), "path": "/"}
+    if tls:
+        props["tls"] = "1"
+    return props
 
 
 def parse(name: str, props: dict[bytes | str, bytes | str | None], addresses: list[str], port: int | None) -> Announcement:
@@ -76,7 +80,8 @@ def parse(name: str, props: dict[bytes | str, bytes | str | None], addresses: li
     path = text.get("path", "/") or "/"
     if not path.startswith("/"):
         raise BadAnnouncement(f"bad path {path!r}")
-    return Announcement(name, kind, model, sha, capacity, f"ws://{host}:{port}{path if path != '/' else ''}")
+    scheme = "wss" if text.get("tls") == "1" else "ws"
+    return Announcement(name, kind, model, sha, capacity, f"{scheme}://{host}:{port}{path if path != '/' else ''}")
 
 
 def _usable(address: str) -> bool:

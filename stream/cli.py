@@ -51,6 +51,8 @@ def worker(
     """Start a worker of KIND on this box: the edge-box launch command."""
     from pydantic import ValidationError
 
+    from stream.keys import KeyFileError
+    from stream.tls import TlsError
     from workers.launch import run_worker
     from workers.model_files import ModelNotFound
 
@@ -65,8 +67,8 @@ def worker(
         typer.echo(f"error: --{first['loc'][0]}: {first['msg']}", err=True)
         raise typer.Exit(2) from None
     try:
-        run_worker(kind, settings, cfg.log)
-    except (ModelNotFound, FileNotFoundError) as exc:
+        run_worker(kind, settings, cfg.log, cfg.security)
+    except (ModelNotFound, FileNotFoundError, KeyFileError, TlsError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except OSError as exc:  # the port is taken, or the address is not on this host
@@ -85,6 +87,10 @@ def gateway(
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
     from gateway.launch import run_gateway
+    from gateway.server import ExposureError
+    from gateway.tokens import TokenFileError
+    from stream.keys import KeyFileError
+    from stream.tls import TlsError
 
     cfg = _with_log_format(_config(config), log_format)
     overrides = {k: v for k, v in dict(host=host, port=port, discover=discover).items() if v is not None}
@@ -93,6 +99,9 @@ def gateway(
     cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
     try:
         run_gateway(cfg)
+    except (ExposureError, KeyFileError, TlsError, TokenFileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"error: cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror or exc}", err=True)
         raise typer.Exit(1) from None
@@ -122,6 +131,117 @@ def probe(
         settings = _config(config).workers.for_kind(kind)
         url = f"ws://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
     sys.exit(asyncio.run(run_probe(kind, input, url, out)))
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Client tokens: who may open a session on the gateway.")
+app.add_typer(token_app, name="token")
+TokenFileOption = Annotated[
+    Optional[Path], typer.Option("--file", help="Token file (default: [security] client_tokens_file of the config).")
+]
+
+
+def _token_file(file: Path | None, config: Path | None):
+    from gateway.tokens import TokenFile
+
+    path = file or _config(config).security.client_tokens_file
+    if not path:
+        typer.echo("error: no token file: pass --file, or set [security] client_tokens_file", err=True)
+        raise typer.Exit(2)
+    return TokenFile(path)
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who the token is for (a person, a device).")],
+    file: TokenFileOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a client token and print it (only its hash is kept: copy it now)."""
+    from gateway.tokens import TokenFileError
+
+    tokens = _token_file(file, config)
+    try:
+        token = tokens.create(name)
+    except TokenFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(token)
+    typer.echo(f"token {name!r} added to {tokens.path}; a running gateway accepts it within a second", err=True)
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")], file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """Remove a client token; a running gateway refuses it and ends its sessions within a second."""
+    from gateway.tokens import TokenFileError
+
+    tokens = _token_file(file, config)
+    try:
+        removed = tokens.revoke(name)
+    except TokenFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not removed:
+        typer.echo(f"error: no token named {name!r} in {tokens.path}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"token {name!r} revoked")
+
+
+@token_app.command("list")
+def token_list(file: TokenFileOption = None, config: ConfigOption = None) -> None:
+    """The tokens' names and creation times (the tokens themselves are not stored)."""
+    from gateway.tokens import TokenFileError
+
+    tokens = _token_file(file, config)
+    try:
+        entries = tokens.read()
+    except TokenFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for entry in entries:
+        typer.echo(f"{entry.name}\t{entry.created}")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="The key gateway and workers share to authenticate each other.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("worker")
+def keys_worker(path: Annotated[Path, typer.Argument(help="Where to write the key (mode 600); copy it to every box.")]) -> None:
+    """Create the worker-link key; name it in [security] worker_key_file on the gateway and on every worker."""
+    from stream.keys import create_key_file
+
+    try:
+        create_key_file(path)
+    except FileExistsError:
+        typer.echo(f"error: {path} exists; not replacing it", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path}")
+
+
+cert_app = typer.Typer(no_args_is_help=True, help="TLS certificates for https/wss on a LAN.")
+app.add_typer(cert_app, name="cert")
+
+
+@cert_app.command("create")
+def cert_create(
+    directory: Annotated[Path, typer.Argument(help="Writes DIR/edgestream.crt and DIR/edgestream.key (mode 600).")],
+    name: Annotated[
+        Optional[list[str]], typer.Option("--name", help="A host name or IP address the boxes are reached at (repeat).")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Days the certificate is valid.")] = 825,
+) -> None:
+    """A self-signed certificate and key for every box of a LAN (also the CA the gateway and clients trust)."""
+    from stream.tls import create_self_signed, default_names
+
+    names = list(dict.fromkeys([*default_names(), *(name or [])]))
+    cert, key = directory / "edgestream.crt", directory / "edgestream.key"
+    try:
+        create_self_signed(cert, key, names, days)
+    except FileExistsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {cert} and {key} for {', '.join(names)}")
+    typer.echo(f'[security]\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"', err=True)
 
 
 fuzz_app = typer.Typer(no_args_is_help=True, help="Long fuzz runs (the tests run short ones under hypothesis).")

@@ -7,11 +7,12 @@ greater than or equal to 1``), so an operator can fix it without reading code.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stream.protocol import WorkerKind
 
@@ -115,6 +116,10 @@ class GatewaySettings(_Section):
     """Offer 127.0.0.1 as an ICE candidate: for tests on machines with only loopback."""
     ice_timeout_s: Annotated[float, Field(gt=0, le=120)] = 15.0
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
+    max_sessions_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
+    """Sessions one client may hold at once: per token, or per address where no token is needed."""
+    max_utterance_s: Annotated[float, Field(ge=1, le=600)] = 30.0
+    """A turn that goes on this long is ended here and answered; the client is told (``utterance_too_long``)."""
     end_silence_ms: Annotated[float, Field(ge=64, le=5000)] = 320
     """Silence after speech that ends a turn."""
     speculate_after_ms: Annotated[float, Field(ge=0, le=5000)] = 128
@@ -141,6 +146,41 @@ class GatewaySettings(_Section):
     """Kinds without which ``/readyz`` says not ready (a turn needs them; vision only adds context)."""
 
 
+class SecuritySettings(_Section):
+    """Who may connect to what (README, "Security"). Paths are read at start."""
+
+    worker_key_file: str = ""
+    """Key shared by the gateway and its workers (``edgestream keys worker FILE``): each proves
+    to the other that it holds it on every worker link. Empty: worker links are not authenticated."""
+    client_tokens_file: str = ""
+    """Tokens a client must present to open a session (``edgestream token create NAME``).
+    Required when the gateway listens on any address but loopback."""
+    tls_cert: str = ""
+    """This process's certificate (PEM; ``edgestream cert create DIR``): the gateway serves
+    https/wss, a worker wss, and worker URLs of this file become ``wss://``."""
+    tls_key: str = ""
+    """The private key of ``tls_cert`` (PEM)."""
+    tls_ca: str = ""
+    """Certificates trusted for ``wss://`` worker links (on a LAN: the self-signed
+    certificate itself); empty: the system's CAs."""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> SecuritySettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) can only be reached from this box."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
     """``json``: one object per line with ``session``, ``turn`` and ``job`` ids (``stream/logs.py``)."""
@@ -150,6 +190,7 @@ class LogSettings(_Section):
 class Config(_Section):
     gateway: GatewaySettings = GatewaySettings()
     workers: WorkersConfig = WorkersConfig()
+    security: SecuritySettings = SecuritySettings()
     log: LogSettings = LogSettings()
 
     def worker_urls(self) -> dict[WorkerKind, list[str]]:
@@ -159,6 +200,7 @@ class Config(_Section):
         static URL: mDNS finds its workers.
         """
         urls = {}
+        scheme = "wss" if self.security.tls_cert else "ws"
         for kind in WorkerKind:
             configured = self.gateway.workers.get(kind)
             if configured:
@@ -168,7 +210,7 @@ class Config(_Section):
             else:
                 settings = self.workers.for_kind(kind)
                 host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-                urls[kind] = [f"ws://{host}:{settings.port}"]
+                urls[kind] = [f"{scheme}://{host}:{settings.port}"]
         return urls
 
 

@@ -28,15 +28,18 @@ import asyncio
 import contextlib
 import fractions
 import json
+import random
+import ssl
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import av
 import numpy as np
 import websockets
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import FrameClock, Resampler, audio_frame
@@ -63,6 +66,11 @@ class MicrophoneTrack(MediaStreamTrack):
         super().__init__()
         self._queue: deque[tuple[np.ndarray, asyncio.Future[float] | None]] = deque()
         self._clock = FrameClock(FRAME, RATE)
+        self._restarted = False
+
+    def restart(self) -> None:
+        """A new connection sends this track: its next frame is due at once (no burst to catch up)."""
+        self._restarted = True
 
     def queue(self, samples: np.ndarray, sample_rate: int) -> asyncio.Future[float]:
         """Queue mono int16 speech; the future gives the monotonic time its last sample was sent."""
@@ -77,7 +85,11 @@ class MicrophoneTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        pts = await self._clock.tick()
+        if self._restarted:
+            self._restarted = False
+            pts = self._clock.resume()
+        else:
+            pts = await self._clock.tick()
         samples = np.zeros(FRAME, np.int16)
         if self._queue:
             chunk, done = self._queue.popleft()
@@ -99,6 +111,11 @@ class CameraTrack(MediaStreamTrack):
         self._start: float | None = None
         self._count = 0
 
+    def restart(self) -> None:
+        """A new connection sends this track: pace from now."""
+        self._start = None
+        self._count = 0
+
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -115,24 +132,78 @@ class CameraTrack(MediaStreamTrack):
         return frame
 
 
-class GatewaySession:
-    """One conversation with a gateway. Create with :meth:`connect`."""
+@dataclass(frozen=True)
+class Backoff:
+    """How a session retries after losing the gateway: exponential delays with jitter.
 
-    def __init__(self, microphone: MediaStreamTrack | None = None, keep_answer_s: float = 600.0) -> None:
-        # No ICE servers: aiortc's default is a public STUN server, and the
-        # gateway is on the local network.
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    Attempt ``n`` (from 1) waits ``min(max_s, initial_s * factor ** (n - 1))``,
+    scaled by a random factor in ``[1 - jitter, 1 + jitter]`` so that many
+    clients cut off together do not all come back in the same instant.
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int | None = None
+    """Give up after this many failed attempts in a row (``None``: never)."""
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+FINAL_CODES = frozenset({"unauthorized", "token_revoked", "bad_offer", "malformed"})
+"""Refusals that another attempt cannot fix: a session that gets one is closed for good."""
+
+
+class GatewaySession:
+    """One conversation with a gateway. Create with :meth:`connect`.
+
+    With ``reconnect``, the conversation outlives its connection: when the
+    gateway goes away (restarted, unreachable, the network dropped), the
+    session says so with a ``connection.lost`` event, retries with
+    :class:`Backoff`, and says ``connection.restored`` once a new WebRTC
+    session is up, with the same microphone, camera and event list.
+    (Turns in flight when the connection dropped are lost with it.)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        microphone: MediaStreamTrack | None = None,
+        camera: np.ndarray | None = None,
+        keep_answer_s: float = 600.0,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 20.0,
+        reconnect: Backoff | None = None,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.backoff = reconnect
+        self.pc: RTCPeerConnection | None = None
         self.microphone = microphone or MicrophoneTrack()
-        self.camera: CameraTrack | None = None
+        self.camera = CameraTrack(camera) if camera is not None else None
+        self.channel: RTCDataChannel | None = None
+        """The events channel (gateway to client; the gateway refuses what a client sends on it)."""
         self.session_id = ""
         self.events: list[dict[str, Any]] = []
         self._event_added = asyncio.Condition()
         self.received: deque[tuple[float, np.ndarray]] = deque(maxlen=int(keep_answer_s * RATE / FRAME))
         """The last ``keep_answer_s`` of answer audio, as (monotonic arrival time, 48 kHz mono int16) per frame."""
         self.frames_received = 0
+        self.reconnects = 0
+        """Connections restored after a loss."""
         self._signaling: websockets.ClientConnection | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._link_lost = asyncio.Event()
+        self._closing = False
         self.closed = asyncio.Event()
+        """Set when the session is over for good (closed, refused, or the link lost without ``reconnect``)."""
         self.close_reason: GatewayError | None = None
 
     @classmethod
@@ -145,56 +216,138 @@ class GatewaySession:
         keep_answer_s: float = 600.0,
         loopback_ice: bool = False,
         timeout: float = 20.0,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        reconnect: Backoff | bool = False,
     ) -> GatewaySession:
         """Open a session: offer audio (and video with ``camera``), wait for the answer and ICE.
 
         ``microphone`` replaces the built-in :class:`MicrophoneTrack` (then
         :meth:`say` is not available): a device's own audio track, or one
         that yields pre-encoded Opus packets. ``keep_answer_s`` bounds the
-        answer audio kept in :attr:`received`.
+        answer audio kept in :attr:`received`. ``token`` is the client token
+        the gateway asks for (``edgestream token create``); ``ssl_context``
+        verifies a ``wss://`` gateway (``stream.tls.client_context(ca)``).
+        ``reconnect`` (``True`` or a :class:`Backoff`) keeps the session
+        across gateway restarts; the first connection must still succeed.
         """
         if loopback_ice:
             from gateway.loopback import allow_loopback_ice
 
             allow_loopback_ice()
-        self = cls(microphone, keep_answer_s)
-        self.pc.addTrack(self.microphone)
-        if camera is not None:
-            self.camera = CameraTrack(camera)
-            self.pc.addTrack(self.camera)
-        channel = self.pc.createDataChannel("events")
-        channel.on("message", self._on_event)
-        self.channel = channel
-        """The events channel (gateway to client; the gateway refuses what a client sends on it)."""
-        self.pc.on("track", self._on_track)
-        connected = asyncio.Event()
-
-        @self.pc.on("connectionstatechange")
-        def _state() -> None:
-            if self.pc.connectionState == "connected":
-                connected.set()
-            elif self.pc.connectionState in ("failed", "closed"):
-                self.closed.set()
-
+        backoff = Backoff() if reconnect is True else (reconnect or None)
+        self = cls(
+            url, microphone=microphone, camera=camera, keep_answer_s=keep_answer_s,
+            token=token, ssl_context=ssl_context, timeout=timeout, reconnect=backoff,
+        )
         try:
-            async with asyncio.timeout(timeout):
-                await self.pc.setLocalDescription(await self.pc.createOffer())  # gathers ICE candidates
-                self._signaling = await websockets.connect(url, max_size=64 * 1024)
-                await self._signaling.send(json.dumps({"type": "offer", "sdp": self.pc.localDescription.sdp}))
-                reply = json.loads(await self._signaling.recv())
-                if reply.get("type") == "error":
-                    raise GatewayError(reply.get("code", "error"), reply.get("message", ""))
-                self.session_id = reply["session_id"]
-                await self.pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer"))
-                await connected.wait()
+            await self._open()
         except BaseException:
             await self.close()
             raise
-        self._tasks.append(asyncio.create_task(self._watch_signaling()))
+        self._spawn(self._stay_connected())
         return self
 
+    async def _open(self) -> None:
+        """One WebRTC session with the gateway: offer, answer, ICE; raises :class:`GatewayError` when refused."""
+        # No ICE servers: aiortc's default is a public STUN server, and the
+        # gateway is on the local network.
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self._link_lost.clear()
+        pc.addTrack(self.microphone)
+        if self.camera is not None:
+            pc.addTrack(self.camera)
+        self.channel = pc.createDataChannel("events")
+        self.channel.on("message", self._on_event)
+        pc.on("track", self._on_track)
+        connected = asyncio.Event()
+
+        @pc.on("connectionstatechange")
+        def _state() -> None:
+            if pc.connectionState == "connected":
+                connected.set()
+            elif pc.connectionState in ("failed", "closed") and pc is self.pc:
+                self._link_lost.set()
+
+        async with asyncio.timeout(self.timeout):
+            await pc.setLocalDescription(await pc.createOffer())  # gathers ICE candidates
+            self._signaling = await websockets.connect(self.url, max_size=64 * 1024, ssl=self.ssl_context if self.url.startswith("wss:") else None)
+            offer = {"type": "offer", "sdp": pc.localDescription.sdp}
+            if self.token:
+                offer["token"] = self.token
+            await self._signaling.send(json.dumps(offer))
+            reply = json.loads(await self._signaling.recv())
+            if reply.get("type") == "error":
+                raise GatewayError(reply.get("code", "error"), reply.get("message", ""))
+            self.session_id = reply["session_id"]
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer"))
+            await connected.wait()
+        self._spawn(self._watch_signaling(self._signaling))
+
+    async def _stay_connected(self) -> None:
+        """Wait for the link to drop; then end the session, or (with ``reconnect``) open a new one."""
+        while True:
+            await self._link_lost.wait()
+            if self._closing:
+                return
+            reason = self.close_reason or GatewayError("connection_lost", "the connection to the gateway was lost")
+            if self.backoff is None or reason.code in FINAL_CODES:
+                self.closed.set()
+                await self._notify()
+                return
+            self._add_event({"type": "connection.lost", "code": reason.code, "message": reason.message})
+            await self._drop_connection()
+            if not await self._reopen():
+                return
+
+    async def _reopen(self) -> bool:
+        """Retry with backoff until a new session is up (``True``), or give up and close (``False``)."""
+        assert self.backoff is not None
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            if self.backoff.max_attempts is not None and attempt > self.backoff.max_attempts:
+                break
+            await asyncio.sleep(self.backoff.delay(attempt))
+            if isinstance(self.microphone, MicrophoneTrack):
+                self.microphone.restart()
+            if self.camera is not None:
+                self.camera.restart()
+            self.close_reason = None
+            try:
+                await self._open()
+            except GatewayError as exc:
+                self.close_reason = exc
+                await self._drop_connection()
+                if exc.code in FINAL_CODES:
+                    break
+                continue
+            except (OSError, TimeoutError, websockets.WebSocketException, ValueError, KeyError):
+                await self._drop_connection()
+                continue
+            self.reconnects += 1
+            self._add_event({"type": "connection.restored", "session_id": self.session_id, "attempts": attempt})
+            return True
+        self.closed.set()
+        await self._notify()
+        return False
+
+    async def _drop_connection(self) -> None:
+        """Close this connection's signaling socket and peer connection (the session object lives on)."""
+        if self._signaling is not None:
+            await self._signaling.close()
+        if self.pc is not None:
+            await self.pc.close()
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _on_event(self, message: str | bytes) -> None:
-        event = json.loads(message)
+        self._add_event(json.loads(message))
+
+    def _add_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
         asyncio.ensure_future(self._notify())
 
@@ -204,7 +357,7 @@ class GatewaySession:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            self._tasks.append(asyncio.create_task(self._record(track)))
+            self._spawn(self._record(track))
 
     async def _record(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
@@ -215,15 +368,15 @@ class GatewaySession:
                     pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1).astype(np.int16)
                     self.received.append((time.monotonic(), pcm))
 
-    async def _watch_signaling(self) -> None:
-        assert self._signaling is not None
+    async def _watch_signaling(self, signaling: websockets.ClientConnection) -> None:
+        """The session lives as long as its signaling socket; an error before the close says why it ended."""
         with contextlib.suppress(websockets.ConnectionClosed):
-            async for text in self._signaling:
+            async for text in signaling:
                 message = json.loads(text)
                 if message.get("type") == "error":
                     self.close_reason = GatewayError(message.get("code", "error"), message.get("message", ""))
-        self.closed.set()
-        await self._notify()
+        if signaling is self._signaling:
+            self._link_lost.set()
 
     # -- using the session ---------------------------------------------------------------
 
@@ -262,12 +415,17 @@ class GatewaySession:
         chunks = [pcm for at, pcm in self.received if at >= after]
         return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the gateway is up now (it is not while reconnecting)."""
+        return not self._link_lost.is_set() and not self.closed.is_set()
+
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._signaling is not None:
-            await self._signaling.close()
-        await self.pc.close()
+        self._closing = True
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self._drop_connection()
         self.closed.set()
 
 

@@ -32,7 +32,7 @@ def announce_addresses(host: str) -> list[str]:
 class Announcer:
     """Publishes one worker while it runs."""
 
-    def __init__(self, server: WorkerServer, host: str, port: int) -> None:
+    def __init__(self, server: WorkerServer, host: str, port: int, tls: bool = False) -> None:
         self.server = server
         self.addresses = announce_addresses(host)
         self.port = port
@@ -43,7 +43,7 @@ class Announcer:
             f"{name}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(a) for a in self.addresses],
             port=port,
-            properties=properties(hello.kind, hello.model_id, hello.model_sha256, hello.capacity),
+            properties=properties(hello.kind, hello.model_id, hello.model_sha256, hello.capacity, tls),
             server=f"{name}.local.",
         )
         self._zeroconf: AsyncZeroconf | None = None

@@ -8,8 +8,8 @@ import signal
 import threading
 import time
 
-from stream import logs
-from stream.config import LogSettings, WorkerSettings
+from stream import keys, logs, tls
+from stream.config import LogSettings, SecuritySettings, WorkerSettings
 from stream.protocol import WorkerKind
 
 from .engine import Engine
@@ -60,7 +60,19 @@ def _load_with_progress(kind: WorkerKind, settings: WorkerSettings) -> Engine:
     return engine
 
 
-async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
+def load_worker_key(security: SecuritySettings) -> bytes | None:
+    """The key shared with gateways, or ``None`` when none is configured; a readable-by-others file is warned about."""
+    if not security.worker_key_file:
+        return None
+    key = keys.load_key(security.worker_key_file)
+    if not keys.is_private(security.worker_key_file):
+        log.warning("%s can be read by other users of this box; chmod 600 it", security.worker_key_file)
+    return key
+
+
+async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: SecuritySettings = SecuritySettings()) -> None:
+    key = load_worker_key(security)  # before the model: a bad key file fails at once
+    ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
     engine = await asyncio.to_thread(_load_with_progress, kind, settings)
     server = WorkerServer(
         engine,
@@ -68,12 +80,15 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
         max_queue=settings.max_queue,
         worker_id=settings.worker_id,
         report_interval_s=settings.report_interval_s,
+        key=key,
     )
-    port = await server.start(settings.host, settings.port)
+    port = await server.start(settings.host, settings.port, ssl_context)
+    scheme = "wss" if ssl_context else "ws"
     print(
-        f"edgestream {kind.value} worker {server.worker_id} listening on ws://{settings.host}:{port}\n"
+        f"edgestream {kind.value} worker {server.worker_id} listening on {scheme}://{settings.host}:{port}\n"
         f"  model {engine.model.model_id} sha256 {engine.model.sha256}\n"
-        f"  capacity {settings.capacity}, threads {settings.threads}",
+        f"  capacity {settings.capacity}, threads {settings.threads}\n"
+        f"  clients {'must prove the key in ' + security.worker_key_file if key else 'are not authenticated (no worker_key_file)'}",
         flush=True,
     )
     announcer = None
@@ -84,7 +99,7 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
         if settings.announce_address:
             host, _, text = settings.announce_address.rpartition(":")
             announced_port = int(text)
-        announcer = Announcer(server, host, announced_port)
+        announcer = Announcer(server, host, announced_port, tls=ssl_context is not None)
         await announcer.start()
         print(f"  announced by mDNS as {', '.join(announcer.addresses)} port {announced_port}", flush=True)
     stop = asyncio.Event()
@@ -99,12 +114,14 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings) -> None:
     engine.close()
 
 
-def run_worker(kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings()) -> None:
+def run_worker(
+    kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings(), security: SecuritySettings = SecuritySettings()
+) -> None:
     """The body of ``edgestream worker KIND``."""
     logs.configure(log_settings.format, log_settings.level)
     try:
         import uvloop
 
-        uvloop.run(serve_worker(kind, settings))
+        uvloop.run(serve_worker(kind, settings, security))
     except ImportError:  # uvloop has no Windows build
-        asyncio.run(serve_worker(kind, settings))
+        asyncio.run(serve_worker(kind, settings, security))
