@@ -8,6 +8,7 @@ a WebSocket path goes on to the handshake, anything else gets one of these.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import json
 from http import HTTPStatus
 from urllib.parse import urlsplit
@@ -37,11 +38,14 @@ def readiness_response(missing: list[str], payload: dict[str, object]) -> Respon
     return json_response({"ready": ready, "missing": missing, **payload}, HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
 
-async def get(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    """``(status, body)`` of ``GET url`` (plain ``http://``, one request per connection)."""
+async def get(url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    """``(status, body)`` of ``GET url`` (``http://``, or ``https://`` verified by ``ssl_context``; one request per connection)."""
     parts = urlsplit(url)
+    secure = parts.scheme == "https"
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        reader, writer = await asyncio.open_connection(
+            parts.hostname, parts.port or (443 if secure else 80), ssl=(ssl_context or True) if secure else None
+        )
         try:
             writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
             data = await reader.read()
