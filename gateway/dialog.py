@@ -152,6 +152,14 @@ class Dialog:
         elif isinstance(event, SpeechEnded):
             turn, self.current = self.current, None
             if turn is not None:
+                if event.cut:
+                    limit = self.settings.max_utterance_s
+                    log.info("turn %s: cut at %g s (max_utterance_s)", turn.id, limit)
+                    self.send(ErrorEvent(
+                        code="utterance_too_long",
+                        message=f"you spoke for {limit:g} s without a pause; this turn ends there and is answered, and what follows starts the next",
+                        turn=turn.number,
+                    ))
                 if turn.finishing is None:
                     self._start_finishing(turn, event)
                 turn.mark("end_of_turn")
@@ -453,7 +461,14 @@ class Dialog:
             return
         await turn.confirmed.wait()
         self._remember(self.last_prompt[-1], answer)
-        self.send(AnswerDone(turn=turn.number, text=answer))
+        truncated = job is not None and job.done is not None and bool(job.done.stats.get("truncated"))
+        self.send(AnswerDone(turn=turn.number, text=answer, truncated=truncated))
+        if truncated:
+            self.send(ErrorEvent(
+                code="answer_truncated",
+                message=f"the answer reached max_answer_tokens ({params.max_tokens}) and was cut there",
+                turn=turn.number,
+            ))
         self.metrics.turns.labels("answered").inc()
         self._spawn(self._report_latency(turn))
 

@@ -46,6 +46,8 @@ class AnswerDone(_Event):
     turn: int
     text: str
     interrupted: bool = False
+    truncated: bool = False
+    """The answer hit ``max_answer_tokens`` (an ``answer_truncated`` error follows)."""
 
 
 class BargeIn(_Event):

@@ -43,6 +43,9 @@ class GatewayMetrics:
             ["kind", "worker", "policy", "attempt"],
             registry=r,
         )
+        self.client_messages_dropped = Counter(
+            "edgestream_client_messages_dropped", "Messages on the events channel dropped by the rate limit.", registry=r
+        )
         self.failovers = Counter("edgestream_failovers", "Jobs moved to another worker mid-turn.", ["kind"], registry=r)
         self.ingest_lag_seconds = Histogram(
             "edgestream_ingest_lag_seconds",

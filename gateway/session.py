@@ -23,6 +23,7 @@ from stream.config import GatewaySettings
 
 from .dialog import Dialog
 from .events import ErrorEvent, Event, SessionReady
+from .limits import TokenBucket
 from .metrics import GatewayMetrics
 from .playout import AnswerTrack
 from .turns import TurnDetector, TurnSettings
@@ -31,6 +32,9 @@ from .worker_pool import WorkerPool
 log = logging.getLogger("edgestream.gateway")
 
 MAX_PENDING_EVENTS = 256
+CLIENT_MESSAGES_PER_S = 10
+CLIENT_MESSAGE_BURST = 20
+"""A client may send this many messages on the events channel at once, then ``CLIENT_MESSAGES_PER_S``."""
 
 
 class BadOffer(ValueError):
@@ -51,12 +55,15 @@ class Session:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
         self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
         self.dialog = Dialog(pool, settings, metrics, self.id, self.send, self.answer_track, lambda: self.latest_frame)
-        self.turns = TurnDetector(TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms))
+        self.turns = TurnDetector(
+            TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms, max_turn_ms=settings.max_utterance_s * 1000)
+        )
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0
         self.audio_frames = 0
         self.channel: RTCDataChannel | None = None
         self._pending: list[str] = []
+        self._client_messages = TokenBucket(CLIENT_MESSAGES_PER_S, CLIENT_MESSAGE_BURST)
         self._tasks: set[asyncio.Task] = set()
         self.closed = asyncio.Event()
         self.connected = asyncio.Event()
@@ -99,7 +106,15 @@ class Session:
         self.send(SessionReady(session_id=self.id))
 
     def _on_client_message(self, message: object) -> None:
-        # The client has nothing to say on the channel yet; say so instead of ignoring it.
+        # The client has nothing to say on the channel yet; say so instead of ignoring it,
+        # but answer a flood once, not once per message.
+        first_refusal = not self._client_messages.refusing
+        if not self._client_messages.allow():
+            if first_refusal:
+                log.warning("session %s: events channel flooded; dropping messages over %d/s", self.id, CLIENT_MESSAGES_PER_S)
+                self.send(ErrorEvent(code="rate_limited", message=f"more than {CLIENT_MESSAGES_PER_S} messages/s on the events channel; the rest are dropped"))
+            self.metrics.client_messages_dropped.inc()
+            return
         log.info("session %s: unexpected data channel message", self.id)
         self.send(ErrorEvent(code="unexpected_message", message="the events channel is gateway-to-client only"))
 

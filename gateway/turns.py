@@ -33,6 +33,9 @@ class TurnSettings:
     """Silence after which the turn is *probably* over: the dialog starts answering
     speculatively, and keeps the answer's audio back until ``end_silence_ms``
     confirms the end (0: no speculation)."""
+    max_turn_ms: float = 30_000
+    """A turn that lasts this long ends here (:class:`SpeechEnded` with ``cut``); speech
+    that goes on starts the next turn, its start in the pre-roll, so no audio is lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class SpeechEnded:
     """Stream position of the end of the last voiced chunk."""
     stream_s: float
     """Stream position when the end was detected."""
+    cut: bool = False
+    """The turn reached ``max_turn_ms`` while the person was still speaking."""
 
 
 TurnEvent = SpeechStarted | SpeechAudio | SpeechPaused | SpeechResumed | SpeechEnded
@@ -85,6 +90,7 @@ class TurnDetector:
         self._chunks = 0
         self._last_voiced_end = 0.0
         self._paused = False
+        self._turn_start = 0.0
 
     @property
     def speaking(self) -> bool:
@@ -116,6 +122,7 @@ class TurnDetector:
                 self._last_voiced_end = self.stream_s
                 preroll = np.concatenate(list(self._preroll))
                 self._preroll.clear()
+                self._turn_start = self.stream_s - len(preroll) / SAMPLE_RATE
                 return [SpeechStarted(preroll, self.stream_s - self._voiced_run * CHUNK_MS / 1000)]
             return []
         events: list[TurnEvent] = [SpeechAudio(chunk)]
@@ -136,4 +143,9 @@ class TurnDetector:
             elif s.pause_ms and silence_ms >= s.pause_ms and not self._paused:
                 self._paused = True
                 events.append(SpeechPaused(self._last_voiced_end, self.stream_s))
+        if self._speaking and (self.stream_s - self._turn_start) * 1000 >= s.max_turn_ms:
+            self._speaking = False
+            self._paused = False
+            self._voiced_run = 0
+            events.append(SpeechEnded(self.stream_s, self.stream_s, cut=True))
         return events

@@ -210,6 +210,7 @@ class LlmEngine(Engine):
                 produced += 1
                 job.stats["generated"] = produced
                 if produced >= budget:
+                    job.stats["truncated"] = 1.0  # the answer did not end by itself
                     break
             tail = decoder.decode(b"", final=True)
             if tail:

@@ -1,0 +1,126 @@
+"""Each limit a client can hit gives it a clear error, and nothing else is affected.
+
+(Worker-side limits, ``busy`` and ``too_large``, are in ``test_worker_server.py``;
+sessions in total and per client in ``test_gateway.py`` and ``test_security.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import websockets
+
+from gateway.limits import TokenBucket
+from gateway.server import Gateway
+from gateway.session import CLIENT_MESSAGE_BURST
+from gateway.turns import SpeechAudio, SpeechEnded, SpeechStarted, TurnDetector, TurnSettings
+from stream.config import GatewaySettings
+from stream.protocol import WorkerKind
+from stream.sdk import GatewaySession
+from tests.conftest import wait_until, with_silence, word_error_rate
+
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest."
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=5, clock=lambda: now[0])
+    assert [bucket.allow() for _ in range(7)] == [True] * 5 + [False] * 2
+    assert bucket.refusing and bucket.refused == 2
+    now[0] += 0.25  # 2.5 tokens back
+    assert [bucket.allow() for _ in range(3)] == [True, True, False]
+    now[0] += 100
+    assert sum(bucket.allow() for _ in range(10)) == 5 and not bucket.allow()
+
+
+def test_a_turn_that_goes_on_too_long_is_cut_and_no_audio_is_lost(speak):
+    speech = speak(LONG)
+    assert len(speech) / 16000 > 4.5
+    detector = TurnDetector(TurnSettings(max_turn_ms=2000))
+    events = []
+    for start in range(0, len(speech), 320):
+        events.extend(detector.push(speech[start : start + 320]))
+    events.extend(detector.push(np.zeros(16000, np.int16)))
+    ends = [e for e in events if isinstance(e, SpeechEnded)]
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    assert ends[0].cut and len(starts) >= 2 and not ends[-1].cut
+    # Every sample from the first turn's start to the last turn's end went to some turn.
+    heard = sum(len(e.preroll) for e in starts) + sum(len(e.samples) for e in events if isinstance(e, SpeechAudio))
+    voiced = np.nonzero(np.abs(speech) > 300)[0]
+    assert heard >= voiced[-1] - voiced[0]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def limited_gateway(workers):
+    _, urls = workers
+    settings = GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, max_utterance_s=2, max_answer_tokens=4)
+    gateway = Gateway(settings, urls)
+    port = await gateway.start("127.0.0.1", 0)
+    await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
+    gateway.url = f"ws://127.0.0.1:{port}/session"
+    yield gateway
+    await gateway.close()
+
+
+async def test_a_long_utterance_is_answered_in_turns_with_a_clear_error(limited_gateway, speak):
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
+    try:
+        await session.say(with_silence(speak(LONG), after_s=1.0), 16000)
+        error = await session.wait_event("error", code="utterance_too_long", timeout=20)
+        assert error["turn"] == 1 and "2 s" in error["message"]
+        first = await session.wait_event("transcript.final", turn=1, timeout=20)
+        second = await session.wait_event("transcript.final", turn=2, timeout=20)
+        heard = " ".join(e["text"] for e in session.events if e["type"] == "transcript.final")
+        assert first["text"].strip() and second["text"].strip()
+        assert word_error_rate(LONG, heard) <= 0.4, heard
+        assert session.connected
+    finally:
+        await session.close()
+
+
+async def test_an_answer_at_the_token_limit_is_cut_with_a_clear_error(limited_gateway, speak):
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
+    try:
+        await session.say(with_silence(speak("Tell me a long story about the sea.")), 16000)
+        done = await session.wait_event("answer.done", timeout=40)
+        assert done["truncated"] and done["text"].strip()
+        error = await session.wait_event("error", code="answer_truncated", timeout=5)
+        assert error["turn"] == done["turn"] and "max_answer_tokens (4)" in error["message"]
+        tokens = [e for e in session.events if e["type"] == "answer.token" and e["turn"] == done["turn"]]
+        assert len(tokens) == 4
+    finally:
+        await session.close()
+
+
+async def test_a_flood_on_the_events_channel_is_answered_once_and_the_session_goes_on(limited_gateway, speak):
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
+    try:
+        await session.wait_event("session.ready", timeout=10)
+        for i in range(500):
+            session.channel.send(json.dumps({"type": "spam", "n": i}))
+        limited = await session.wait_event("error", code="rate_limited", timeout=10)
+        assert "messages/s" in limited["message"]
+        await wait_until(lambda: limited_gateway.metrics.client_messages_dropped._value.get() >= 400, timeout=10)
+        answered = [e for e in session.events if e.get("code") == "unexpected_message"]
+        assert CLIENT_MESSAGE_BURST <= len(answered) < 100
+        assert sum(e.get("code") == "rate_limited" for e in session.events) == 1
+        await session.say(with_silence(speak("Good evening.")), 16000)
+        final = await session.wait_event("transcript.final", timeout=20)
+        assert word_error_rate("Good evening.", final["text"]) <= 0.5
+    finally:
+        await session.close()
+
+
+async def test_an_oversized_signaling_message_closes_only_that_socket(limited_gateway):
+    async with websockets.connect(limited_gateway.url, max_size=None) as websocket:
+        await websocket.send(json.dumps({"type": "offer", "sdp": "v=0\r\n" + "a" * 100_000}))
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(websocket.recv(), 10)
+        assert websocket.close_code == 1009
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
+    assert session.connected
+    await session.close()
