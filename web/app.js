@@ -7,6 +7,9 @@ const params = new URLSearchParams(location.search);
 /** `?gateway=ws://host:port/session` talks to another gateway than the page's own. */
 const gatewayUrl = params.get("gateway") ?? GatewaySession.defaultUrl();
 const healthUrl = gatewayUrl.replace(/^ws/, "http").replace(/\/session$/, "/healthz");
+/** `#token=...` fills in the access token (a fragment never reaches a server's logs). */
+const hashToken = new URLSearchParams(location.hash.slice(1)).get("token");
+if (hashToken) $("token").value = hashToken;
 
 const KIND_NAMES = { stt: "speech to text", llm: "language model", tts: "text to speech", vision: "vision" };
 const LATENCY_TURNS_SHOWN = 5;
@@ -52,6 +55,16 @@ function explain({ code, message }) {
       return "The connection to the gateway was lost. Press Start talking to try again.";
     case "too_many_sessions":
       return "The gateway is busy with as many sessions as it can hold. Try again in a moment.";
+    case "too_many_client_sessions":
+      return "You already hold as many sessions as this gateway allows one client (another tab?). Close one and try again.";
+    case "unauthorized":
+      return "This gateway needs an access token. Ask its operator for one (edgestream token create NAME) and enter it under Access token.";
+    case "token_revoked":
+      return "Your access token was revoked, so the session ended. Ask the gateway's operator for a new one.";
+    case "utterance_too_long":
+    case "answer_truncated":
+    case "rate_limited":
+      return message.charAt(0).toUpperCase() + message.slice(1) + ".";
     case "ice_timeout":
     case "connection_failed":
       return "Audio could not connect to the gateway (WebRTC). A firewall may block UDP between you and it.";
@@ -131,6 +144,7 @@ function render(event) {
       view.answer.hidden = false;
       view.answer.textContent = event.text;
       if (event.interrupted) view.answer.insertAdjacentHTML("beforeend", ' <span class="cut">(interrupted)</span>');
+      if (event.truncated) view.answer.insertAdjacentHTML("beforeend", ' <span class="cut">(cut at the length limit)</span>');
       break;
     case "vision":
       $("seen").textContent = event.text ? `Text the camera sees: “${event.text}”` : "The camera sees no text.";
@@ -140,6 +154,16 @@ function render(event) {
       break;
     case "error":
       showError(explain(event));
+      break;
+    case "connection.lost":
+      setStatus("connecting", "Reconnecting…");
+      showError("The connection to the gateway was lost; reconnecting…");
+      break;
+    case "connection.restored":
+      turns.clear(); // the new session numbers its turns from 1 again
+      clearError();
+      setStatus("live", "Listening");
+      refreshWorkers();
       break;
   }
 }
@@ -242,7 +266,12 @@ async function start() {
     $("camera-card").hidden = !video;
     $("preview").srcObject = video ? new MediaStream([video]) : null;
     try {
-      session = await GatewaySession.connect(gatewayUrl, { audio: media.getAudioTracks()[0], video });
+      session = await GatewaySession.connect(gatewayUrl, {
+        audio: media.getAudioTracks()[0],
+        video,
+        token: $("token").value.trim(),
+        reconnect: true,
+      });
     } catch (err) {
       throw new Error(err instanceof GatewayError ? explain(err) : String(err));
     }

@@ -20,8 +20,15 @@
  * events"): `session.ready`, `transcript.partial`, `transcript.final`,
  * `vision`, `answer.token`, `answer.done`, `barge_in`, `latency`, `error`.
  * The session itself adds `close` (detail: a GatewayError, or null when you
- * closed it). Listen with `on(type, fn)` (fn gets the event object; "*" for
- * every event) or with `addEventListener(type, e => e.detail)`.
+ * closed it), and with `reconnect`, `connection.lost` and
+ * `connection.restored` (they are also kept in `events`). Listen with
+ * `on(type, fn)` (fn gets the event object; "*" for every event) or with
+ * `addEventListener(type, e => e.detail)`.
+ *
+ * With `reconnect: true` (or backoff options), a session outlives a gateway
+ * restart: it retries with exponential backoff and jitter, then carries on
+ * with the same microphone, camera and answer stream. Refusals that a retry
+ * cannot fix (`unauthorized`, `token_revoked`, `bad_offer`) end it.
  *
  * No build step and no dependencies: this file is an ES module served as is.
  */
@@ -37,12 +44,21 @@ export class GatewayError extends Error {
 }
 
 const ICE_GATHERING_TIMEOUT_MS = 2000;
+/** Refusals another attempt cannot fix: a reconnecting session ends on them. */
+const FINAL_CODES = new Set(["unauthorized", "token_revoked", "bad_offer", "malformed"]);
+const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 10000, factor: 2, jitter: 0.2, maxAttempts: Infinity };
 
 export class GatewaySession extends EventTarget {
-  /** @param {RTCPeerConnection} pc @private */
-  constructor(pc) {
+  /** @private */
+  constructor(url, { token = "", reconnect = false, timeoutMs = 20000 } = {}) {
     super();
-    this.pc = pc;
+    this.url = url;
+    this._token = token;
+    this._timeoutMs = timeoutMs;
+    /** Backoff options when reconnecting, else null. */
+    this.backoff = reconnect ? { ...DEFAULT_BACKOFF, ...(reconnect === true ? {} : reconnect) } : null;
+    /** @type {RTCPeerConnection | null} the current connection's */
+    this.pc = null;
     /** @type {string} */
     this.sessionId = "";
     /** Every event received, in order. @type {object[]} */
@@ -51,13 +67,19 @@ export class GatewaySession extends EventTarget {
     this.answerStream = new MediaStream();
     /** @type {GatewayError | null} */
     this.closeReason = null;
-    /** Resolves (with closeReason) once the session has ended, for any reason. */
+    /** Resolves (with closeReason) once the session has ended for good, for any reason. */
     this.closed = new Promise((resolve) => (this._resolveClosed = resolve));
     this.isClosed = false;
+    /** Whether a connection is up now (false while reconnecting). */
+    this.isConnected = false;
+    /** Connections restored after a loss. */
+    this.reconnects = 0;
     /** @type {WebSocket | null} */
     this._signaling = null;
     /** @type {MediaStreamTrack | null} the track sent when say() is not speaking */
     this._audioTrack = null;
+    /** @type {MediaStreamTrack | null} */
+    this._videoTrack = null;
     this._speech = null;
   }
 
@@ -69,22 +91,29 @@ export class GatewaySession extends EventTarget {
   /**
    * Open a session and wait until media flows.
    *
-   * @param {string} url signaling URL, e.g. "ws://gateway.local:8080/session"
+   * @param {string} url signaling URL, e.g. "wss://gateway.local:8080/session"
    * @param {object} [options]
    * @param {MediaStreamTrack | null} [options.audio] microphone track; without
    *   one the session sends silence until say() or sendAudio()
    * @param {MediaStreamTrack | null} [options.video] camera track; a video
    *   sender is always negotiated, so frames can start later with sendFrames()
-   * @param {number} [options.timeoutMs] for signaling and ICE together
+   * @param {string} [options.token] the client token the gateway asks for
+   *   (`edgestream token create NAME`)
+   * @param {boolean | object} [options.reconnect] keep the session across
+   *   gateway restarts; an object sets the backoff: `{initialMs, maxMs,
+   *   factor, jitter, maxAttempts}` (defaults 500, 10000, 2, 0.2, Infinity)
+   * @param {number} [options.timeoutMs] for signaling and ICE together, per attempt
    * @returns {Promise<GatewaySession>}
    * @throws {GatewayError} `unreachable`, `timeout`, or the gateway's refusal
-   *   code (`too_many_sessions`, `bad_offer`, ...)
+   *   code (`unauthorized`, `too_many_sessions`, `bad_offer`, ...); the first
+   *   connection is not retried
    */
-  static async connect(url, { audio = null, video = null, timeoutMs = 20000 } = {}) {
-    const pc = new RTCPeerConnection();
-    const session = new GatewaySession(pc);
+  static async connect(url, { audio = null, video = null, token = "", reconnect = false, timeoutMs = 20000 } = {}) {
+    const session = new GatewaySession(url, { token, reconnect, timeoutMs });
+    session._audioTrack = audio;
+    session._videoTrack = video;
     try {
-      await withTimeout(session._open(url, audio, video), timeoutMs, "timeout", "the gateway did not answer in time");
+      await session._connectOnce();
     } catch (err) {
       session._end(null);
       throw err instanceof GatewayError ? err : new GatewayError("failed", String(err?.message ?? err));
@@ -92,12 +121,20 @@ export class GatewaySession extends EventTarget {
     return session;
   }
 
+  /** One connection: a new peer connection, offer, answer, ICE. @private */
+  async _connectOnce() {
+    const pc = new RTCPeerConnection();
+    this.pc = pc;
+    for (const track of this.answerStream.getTracks()) this.answerStream.removeTrack(track);
+    await withTimeout(this._open(pc), this._timeoutMs, "timeout", "the gateway did not answer in time");
+    this.isConnected = true;
+  }
+
   /** @private */
-  async _open(url, audio, video) {
-    const pc = this.pc;
-    this._audioTrack = audio;
-    this._audioSender = pc.addTransceiver(audio ?? "audio", { direction: "sendrecv" }).sender;
-    this._videoSender = pc.addTransceiver(video ?? "video", { direction: "sendonly" }).sender;
+  async _open(pc) {
+    const speaking = this._speech?.pending > 0 ? this._speech.destination.stream.getAudioTracks()[0] : null;
+    this._audioSender = pc.addTransceiver(speaking ?? this._audioTrack ?? "audio", { direction: "sendrecv" }).sender;
+    this._videoSender = pc.addTransceiver(this._videoTrack ?? "video", { direction: "sendonly" }).sender;
     pc.ontrack = (e) => this.answerStream.addTrack(e.track);
     const channel = pc.createDataChannel("events");
     channel.onmessage = (e) => this._onEvent(e.data);
@@ -107,16 +144,22 @@ export class GatewaySession extends EventTarget {
         else if (pc.connectionState === "failed") {
           const err = new GatewayError("connection_failed", "the WebRTC connection failed");
           reject(err);
-          this._end(err);
+          this._lost(pc, err);
         }
       };
     });
     await pc.setLocalDescription(await pc.createOffer());
     await iceGatheringComplete(pc); // aiortc takes no trickled candidates
 
-    const signaling = await openSocket(url);
+    const signaling = await openSocket(this.url);
+    if (this.pc !== pc) {
+      signaling.close();
+      throw new GatewayError("closed", "the session ended");
+    }
     this._signaling = signaling;
-    signaling.send(JSON.stringify({ type: "offer", sdp: pc.localDescription.sdp }));
+    const offer = { type: "offer", sdp: pc.localDescription.sdp };
+    if (this._token) offer.token = this._token;
+    signaling.send(JSON.stringify(offer));
     const reply = await nextMessage(signaling);
     if (reply.type === "error") throw new GatewayError(reply.code ?? "error", reply.message ?? "refused");
     if (reply.type !== "answer") throw new GatewayError("protocol", `unexpected reply ${reply.type}`);
@@ -127,9 +170,57 @@ export class GatewaySession extends EventTarget {
       if (message?.type === "error") lastError = new GatewayError(message.code, message.message);
     };
     signaling.onclose = () =>
-      this._end(lastError ?? new GatewayError("gateway_lost", "the connection to the gateway was lost"));
+      this._lost(pc, lastError ?? new GatewayError("gateway_lost", "the connection to the gateway was lost"));
     await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
     await Promise.race([connected, this.closed.then((reason) => Promise.reject(reason))]);
+  }
+
+  /** The connection of `pc` is gone: end the session, or reconnect. @private */
+  _lost(pc, reason) {
+    if (this.isClosed || pc !== this.pc || !this.isConnected) return;
+    this.isConnected = false;
+    if (!this.backoff || FINAL_CODES.has(reason.code)) {
+      this._end(reason);
+      return;
+    }
+    this._dropConnection();
+    this._onEvent(JSON.stringify({ type: "connection.lost", code: reason.code, message: reason.message }));
+    this._retry(1, reason);
+  }
+
+  /** @private */
+  _retry(attempt, reason) {
+    const { initialMs, maxMs, factor, jitter, maxAttempts } = this.backoff;
+    if (attempt > maxAttempts) {
+      this._end(reason);
+      return;
+    }
+    const base = Math.min(maxMs, initialMs * factor ** (attempt - 1));
+    const delay = base * (1 - jitter + 2 * jitter * Math.random());
+    this._retryTimer = setTimeout(async () => {
+      if (this.isClosed) return;
+      try {
+        await this._connectOnce();
+      } catch (err) {
+        const error = err instanceof GatewayError ? err : new GatewayError("failed", String(err?.message ?? err));
+        this._dropConnection();
+        if (FINAL_CODES.has(error.code)) this._end(error);
+        else if (!this.isClosed) this._retry(attempt + 1, error);
+        return;
+      }
+      this.reconnects += 1;
+      this._onEvent(JSON.stringify({ type: "connection.restored", session_id: this.sessionId, attempts: attempt }));
+    }, delay);
+  }
+
+  /** Close the current connection's socket and peer connection (the session lives on). @private */
+  _dropConnection() {
+    if (this._signaling) {
+      this._signaling.onclose = null;
+      this._signaling.close();
+      this._signaling = null;
+    }
+    this.pc?.close();
   }
 
   /** @private */
@@ -180,6 +271,7 @@ export class GatewaySession extends EventTarget {
 
   /** Send this camera track's frames from now on (null: stop sending frames). */
   async sendFrames(track) {
+    this._videoTrack = track;
     await this._videoSender.replaceTrack(track);
   }
 
@@ -235,12 +327,10 @@ export class GatewaySession extends EventTarget {
   _end(reason) {
     if (this.isClosed) return;
     this.isClosed = true;
+    this.isConnected = false;
     this.closeReason = reason;
-    if (this._signaling) {
-      this._signaling.onclose = null;
-      this._signaling.close();
-    }
-    this.pc.close();
+    clearTimeout(this._retryTimer);
+    this._dropConnection();
     this._speech?.context.close();
     this._resolveClosed(reason);
     this.dispatchEvent(new CustomEvent("close", { detail: reason }));
