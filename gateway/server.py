@@ -212,17 +212,20 @@ class Gateway:
 
     async def _watch(self, session: Session, websocket: ServerConnection) -> None:
         """Keep the session while its signaling socket is open and ICE connects."""
-        try:
-            async with asyncio.timeout(self.settings.ice_timeout_s):
-                await session.connected.wait()
-        except TimeoutError:
-            await self._refuse(websocket, "ice_timeout", f"ICE did not connect within {self.settings.ice_timeout_s:g} s", session.id)
-            return
+        connected = asyncio.create_task(session.connected.wait())
         closed = asyncio.create_task(session.closed.wait())
         gone = asyncio.create_task(websocket.wait_closed())
-        await asyncio.wait([closed, gone], return_when=asyncio.FIRST_COMPLETED)
-        for task in (closed, gone):
-            task.cancel()
+        try:
+            # The session may end (the gateway stopping, a revoked token) before ICE completes.
+            done, _ = await asyncio.wait([connected, closed, gone], timeout=self.settings.ice_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                await self._refuse(websocket, "ice_timeout", f"ICE did not connect within {self.settings.ice_timeout_s:g} s", session.id)
+                return
+            if not closed.done() and not gone.done():
+                await asyncio.wait([closed, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (connected, closed, gone):
+                task.cancel()
         if session.closed.is_set():
             if session.end_reason is not None:
                 code, message = session.end_reason

@@ -40,6 +40,7 @@ import av
 import numpy as np
 import websockets
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import FrameClock, Resampler, audio_frame
@@ -66,11 +67,6 @@ class MicrophoneTrack(MediaStreamTrack):
         super().__init__()
         self._queue: deque[tuple[np.ndarray, asyncio.Future[float] | None]] = deque()
         self._clock = FrameClock(FRAME, RATE)
-        self._restarted = False
-
-    def restart(self) -> None:
-        """A new connection sends this track: its next frame is due at once (no burst to catch up)."""
-        self._restarted = True
 
     def queue(self, samples: np.ndarray, sample_rate: int) -> asyncio.Future[float]:
         """Queue mono int16 speech; the future gives the monotonic time its last sample was sent."""
@@ -85,11 +81,7 @@ class MicrophoneTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        if self._restarted:
-            self._restarted = False
-            pts = self._clock.resume()
-        else:
-            pts = await self._clock.tick()
+        pts = await self._clock.tick()
         samples = np.zeros(FRAME, np.int16)
         if self._queue:
             chunk, done = self._queue.popleft()
@@ -109,11 +101,6 @@ class CameraTrack(MediaStreamTrack):
         self.image = image
         self.fps = fps
         self._start: float | None = None
-        self._count = 0
-
-    def restart(self) -> None:
-        """A new connection sends this track: pace from now."""
-        self._start = None
         self._count = 0
 
     async def recv(self) -> av.VideoFrame:
@@ -201,6 +188,9 @@ class GatewaySession:
         self._signaling: websockets.ClientConnection | None = None
         self._tasks: set[asyncio.Task] = set()
         self._link_lost = asyncio.Event()
+        self._relay = MediaRelay() if reconnect else None
+        """With ``reconnect``, each connection sends a proxy of the microphone and camera: aiortc
+        stops a track whose sender ends, and the same sources must feed the next connection."""
         self._closing = False
         self.closed = asyncio.Event()
         """Set when the session is over for good (closed, refused, or the link lost without ``reconnect``)."""
@@ -254,9 +244,9 @@ class GatewaySession:
         # gateway is on the local network.
         pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._link_lost.clear()
-        pc.addTrack(self.microphone)
+        pc.addTrack(self._relay.subscribe(self.microphone, buffered=False) if self._relay else self.microphone)
         if self.camera is not None:
-            pc.addTrack(self.camera)
+            pc.addTrack(self._relay.subscribe(self.camera, buffered=False) if self._relay else self.camera)
         self.channel = pc.createDataChannel("events")
         self.channel.on("message", self._on_event)
         pc.on("track", self._on_track)
@@ -290,6 +280,11 @@ class GatewaySession:
             await self._link_lost.wait()
             if self._closing:
                 return
+            if self.close_reason is None and self._signaling is not None:
+                # The media may notice first; the gateway's reason follows on the signaling socket.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._signaling.wait_closed(), 1.0)
+                await asyncio.sleep(0)  # let the signaling watcher record the reason
             reason = self.close_reason or GatewayError("connection_lost", "the connection to the gateway was lost")
             if self.backoff is None or reason.code in FINAL_CODES:
                 self.closed.set()
@@ -309,10 +304,6 @@ class GatewaySession:
             if self.backoff.max_attempts is not None and attempt > self.backoff.max_attempts:
                 break
             await asyncio.sleep(self.backoff.delay(attempt))
-            if isinstance(self.microphone, MicrophoneTrack):
-                self.microphone.restart()
-            if self.camera is not None:
-                self.camera.restart()
             self.close_reason = None
             try:
                 await self._open()
@@ -426,6 +417,10 @@ class GatewaySession:
             if task is not asyncio.current_task():
                 task.cancel()
         await self._drop_connection()
+        if self._relay is not None:  # the sources outlive connections; end them with the session
+            self.microphone.stop()
+            if self.camera is not None:
+                self.camera.stop()
         self.closed.set()
 
 

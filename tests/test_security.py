@@ -89,7 +89,8 @@ async def test_sessions_need_a_valid_token_and_end_when_it_is_revoked(workers, t
                 await GatewaySession.connect(url, loopback_ice=True, token=token)
             assert info.value.code == "unauthorized" and reason in info.value.message
         assert gateway.metrics.errors.labels("unauthorized")._value.get() == 2
-        alice_session = await GatewaySession.connect(url, loopback_ice=True, token=alice)
+        # Even a session that reconnects ends for good when its token is revoked.
+        alice_session = await GatewaySession.connect(url, loopback_ice=True, token=alice, reconnect=True)
         bob_session = await GatewaySession.connect(url, loopback_ice=True, token=bob)
         await bob_session.say(with_silence(speak("Good morning.")), 16000)
         final = await bob_session.wait_event("transcript.final", timeout=20)
@@ -98,6 +99,7 @@ async def test_sessions_need_a_valid_token_and_end_when_it_is_revoked(workers, t
         async with asyncio.timeout(10):
             await alice_session.closed.wait()
         assert alice_session.close_reason is not None and alice_session.close_reason.code == "token_revoked"
+        assert not any(e["type"].startswith("connection.") for e in alice_session.events)
         with pytest.raises(GatewayError) as info:
             await GatewaySession.connect(url, loopback_ice=True, token=alice)
         assert info.value.code == "unauthorized"
