@@ -210,21 +210,36 @@ async def test_unreachable_gateway_is_explained(bare_gateway, open_page, questio
     await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
 
 
-async def test_gateway_stopped_mid_session_is_explained(bare_gateway, open_page, question_wav):
-    page = await open_page(page_url(bare_gateway), microphone=question_wav)
+async def test_page_reconnects_after_the_gateway_restarts(open_page, question_wav):
+    """The gateway stops: the page says it is reconnecting, and is live again once a gateway is back."""
+    port = free_port()
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=port, ice_timeout_s=5), {})
+    await gateway.start("127.0.0.1", port)
+    page = await open_page(f"http://127.0.0.1:{port}/", microphone=question_wav)
     await page.get_by_role("button", name="Start talking").click()
     await expect(page.locator("#status")).to_have_text("Listening")
-    assert len(bare_gateway.sessions) == 1
-    await bare_gateway.close()
-    await expect(page.get_by_role("alert")).to_contain_text("The gateway shut down")
-    await expect(page.locator("#status")).to_have_text("Disconnected")
-    await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
-    await expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    first_id = await page.evaluate("window.edgestreamDemo.session.sessionId")
+    await gateway.close()
+    await expect(page.get_by_role("alert")).to_contain_text("reconnecting")
+    await expect(page.locator("#status")).to_have_text("Reconnecting…")
+    await expect(page.get_by_role("button", name="Stop")).to_be_enabled()
     await page.screenshot(path=screenshot_path("gateway-lost"))
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=port, ice_timeout_s=5), {})
+    await gateway.start("127.0.0.1", port)
+    try:
+        await expect(page.locator("#status")).to_have_text("Listening")
+        await expect(page.get_by_role("alert")).to_be_hidden()
+        session = await page.evaluate("({id: window.edgestreamDemo.session.sessionId, n: window.edgestreamDemo.session.reconnects})")
+        assert session["n"] == 1 and session["id"] != first_id and session["id"] in gateway.sessions
+        await page.get_by_role("button", name="Stop").click()
+        await expect(page.locator("#status")).to_have_text("Idle")
+        await wait_until(lambda: not gateway.sessions, timeout=15)
+    finally:
+        await gateway.close()
 
 
 async def test_gateway_killed_mid_session_is_explained(open_page, question_wav):
-    """A gateway process that dies (kill -9) says no goodbye: the page notices the lost link."""
+    """A gateway process that dies (kill -9) says no goodbye: the page notices the lost link and retries."""
     import asyncio
     import signal
     import sys
@@ -243,12 +258,40 @@ async def test_gateway_killed_mid_session_is_explained(open_page, question_wav):
         await expect(page.locator("#status")).to_have_text("Listening")
         process.send_signal(signal.SIGKILL)
         await expect(page.get_by_role("alert")).to_contain_text("The connection to the gateway was lost")
-        await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
+        await expect(page.locator("#status")).to_have_text("Reconnecting…")
         await expect(page.locator("#workers")).to_contain_text("gateway not reachable", timeout=10_000)
+        # Giving up is the person's choice: Stop ends the retries.
+        await page.get_by_role("button", name="Stop").click()
+        await expect(page.locator("#status")).to_have_text("Idle")
+        await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
     finally:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+async def test_page_with_a_token_gets_in_and_without_one_is_told_why(open_page, question_wav, tmp_path):
+    from gateway.tokens import TokenFile
+    from stream.config import SecuritySettings
+
+    tokens = TokenFile(tmp_path / "tokens.json")
+    token = tokens.create("browser")
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), {}, SecuritySettings(client_tokens_file=str(tokens.path)))
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        page = await open_page(f"http://127.0.0.1:{port}/", microphone=question_wav)
+        await page.get_by_role("button", name="Start talking").click()
+        await expect(page.get_by_role("alert")).to_contain_text("This gateway needs an access token")
+        await expect(page.locator("#status")).to_have_text("Not connected")
+        await page.get_by_label("Access token").fill(token)
+        await page.get_by_role("button", name="Start talking").click()
+        await expect(page.locator("#status")).to_have_text("Listening")
+        assert [s.client for s in gateway.sessions.values()] == ["browser"]
+        # The token can also come in the link, after '#', which no server sees.
+        linked = await open_page(f"http://127.0.0.1:{port}/#token={token}", microphone=question_wav)
+        await expect(linked.get_by_label("Access token")).to_have_value(token)
+    finally:
+        await gateway.close()
 
 
 async def test_missing_worker_kind_is_explained_and_the_session_goes_on(workers, open_page, question_wav):
@@ -355,3 +398,52 @@ async def test_page_is_keyboard_operable_and_fits_a_phone(bare_gateway, open_pag
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     box = await page.get_by_role("button", name="Start talking").bounding_box()
     assert box is not None and box["height"] >= 44
+
+
+async def test_sdk_reconnects_after_a_gateway_restart_and_answers_again(workers, open_page, speak):
+    from tests.conftest import with_silence
+
+    _, urls = workers
+    port = free_port()
+
+    async def start_gateway() -> Gateway:
+        gateway = Gateway(GatewaySettings(loopback_ice=True, port=port, ice_timeout_s=5), urls)
+        await gateway.start("127.0.0.1", port)
+        await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS], timeout=10)
+        return gateway
+
+    gateway = await start_gateway()
+    page = await open_page(f"http://127.0.0.1:{port}/example.html")
+    first_id = await page.evaluate(
+        """async () => {
+          const { GatewaySession } = await import("/edgestream.js");
+          window.jsSession = await GatewaySession.connect(GatewaySession.defaultUrl(), { reconnect: { initialMs: 200, maxMs: 1000 } });
+          return window.jsSession.sessionId;
+        }"""
+    )
+    await gateway.close()
+    await page.wait_for_function("window.jsSession.events.some((e) => e.type === 'connection.lost')", timeout=TIMEOUT_MS)
+    assert await page.evaluate("window.jsSession.isConnected") is False
+    gateway = await start_gateway()
+    try:
+        question = "What is the capital of Germany?"
+        pcm = with_silence(speak(question), after_s=1.0)
+        result = await page.evaluate(
+            """async ([pcm, rate]) => {
+              const s = window.jsSession;
+              const restored = await s.waitEvent("connection.restored", { timeoutMs: 20000 });
+              const after = s.events.length;
+              await s.say(new Int16Array(pcm), rate);
+              const final = await s.waitEvent("transcript.final", { after, timeoutMs: 30000 });
+              const done = await s.waitEvent("answer.done", { after, timeoutMs: 60000 });
+              return { restored, final: final.text, answer: done.text, reconnects: s.reconnects, id: s.sessionId };
+            }""",
+            [pcm.tolist(), 16_000],
+        )
+        assert result["reconnects"] == 1 and result["id"] == result["restored"]["session_id"] != first_id
+        assert word_error_rate(question, result["final"]) <= 0.25, result
+        assert result["answer"].strip()
+        await page.evaluate("window.jsSession.close()")
+        await wait_until(lambda: not gateway.sessions, timeout=15)
+    finally:
+        await gateway.close()
