@@ -276,6 +276,19 @@ def soak(
     raise typer.Exit(1 if summary["lost_turns"] or summary["connected"] < sessions else 0)
 
 
+@app.command()
+def chaos(
+    kills: Annotated[int, typer.Option(help="Kills (kill -9 of a worker holding a live turn's job) to make.")] = 100,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("chaos.json"),
+    logs: Annotated[Optional[Path], typer.Option(help="Directory for the worker processes' output.")] = None,
+) -> None:
+    """Kill worker processes mid-turn, again and again (real models, two workers per kind): every turn must be answered."""
+    from gateway.chaos import run_chaos
+
+    summary = asyncio.run(run_chaos(kills, out, logs))
+    raise typer.Exit(1 if summary["lost_turns"] else 0)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
 app.add_typer(bench_app, name="bench")
 

@@ -260,7 +260,7 @@ async def test_rogue_workers_never_receive_audio_and_a_rogue_gateway_gets_no_wor
                 await session.say(with_silence(speak(question)), 16000)
                 done = await session.wait_event("answer.done", timeout=40, after=after)
                 assert done["text"].strip()
-                assert session.events[after:] and not any(e["type"] == "error" for e in session.events[after:])
+                assert session.events[after:] and not any(e["type"] == "error" and e["code"] != "answer_truncated" for e in session.events[after:])
         finally:
             await session.close()
         for rogue in rogues:
