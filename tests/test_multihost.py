@@ -4,6 +4,9 @@ Each process runs in its own namespace with its own address; the gateway finds
 the workers by mDNS across the bridge. One STT worker is near, the other sits
 behind a relay that adds 40 ms to each round trip (no netem on this kernel).
 The test process (the client, over real WebRTC) has the bridge's first address.
+It is deployed as a LAN should be: the gateway listens beyond loopback, so
+clients need a token; gateway and workers share a key; every link is TLS with
+one self-signed certificate naming the hosts' addresses.
 A slowed box is made with SIGSTOP/SIGCONT duty cycling (a test double for a 4x
 slower machine); a dying worker is ``kill -9``.
 """
@@ -15,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +28,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from gateway.tokens import TokenFile
+from stream import tls
+from stream.keys import create_key_file
 from stream.sdk import GatewaySession
 from tests import netns
 from tests.conftest import with_silence, word_error_rate
@@ -54,10 +61,15 @@ class System:
     logs: Path
     argv: dict[str, list[str]] = field(default_factory=dict)
     process: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+    token: str = ""
+    ssl_context: ssl.SSLContext | None = None
 
     @property
     def gateway_url(self) -> str:
-        return f"ws://{self.lan.hosts['gw'].address}:{GATEWAY_PORT}/session"
+        return f"wss://{self.lan.hosts['gw'].address}:{GATEWAY_PORT}/session"
+
+    async def connect(self) -> GatewaySession:
+        return await GatewaySession.connect(self.gateway_url, token=self.token, ssl_context=self.ssl_context)
 
     def worker_id(self, role: str) -> str:
         kind = role.rstrip("0123456789")
@@ -74,7 +86,7 @@ class System:
 
     async def pool(self) -> dict[str, dict]:
         """The gateway's view of its workers (``/healthz``), by worker id."""
-        reader, writer = await asyncio.open_connection(self.lan.hosts["gw"].address, GATEWAY_PORT)
+        reader, writer = await asyncio.open_connection(self.lan.hosts["gw"].address, GATEWAY_PORT, ssl=self.ssl_context)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
         body = (await reader.read()).split(b"\r\n\r\n", 1)[1]
         writer.close()
@@ -114,10 +126,24 @@ async def system(tmp_path_factory):
         for role in WORKER_ROLES:
             lan.add_host(role)
         system = System(lan, logs)
+        # One certificate for every box, a key shared by gateway and workers, a token for the client.
+        cert, key = logs / "edgestream.crt", logs / "edgestream.key"
+        tls.create_self_signed(cert, key, [host.address for host in lan.hosts.values()])
+        create_key_file(logs / "worker.key")
+        tokens = TokenFile(logs / "tokens.json")
+        system.token = tokens.create("multihost-client")
+        system.ssl_context = tls.client_context(cert)
+        security = (
+            "[security]\n"
+            f'worker_key_file = "{logs / "worker.key"}"\n'
+            f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"\n'
+        )
+        (logs / "worker.toml").write_text(security)
         for role in WORKER_ROLES:
             host = lan.hosts[role]
             kind = role.rstrip("0123456789")
-            argv = [PYTHON, "-m", "stream", "worker", kind, "--host", host.address, "--capacity", "1", "--threads", "1", "--announce"]
+            argv = [PYTHON, "-m", "stream", "worker", kind, "--config", str(logs / "worker.toml"),
+                    "--host", host.address, "--capacity", "1", "--threads", "1", "--announce"]
             if role == "stt2":  # the far one: listens on the next port, announced at the relay's
                 argv += ["--port", str(WORKER_PORT + 1), "--announce-address", f"{host.address}:{WORKER_PORT}"]
                 relay = await host.spawn(
@@ -135,6 +161,8 @@ async def system(tmp_path_factory):
             f'host = "{gw.address}"\nport = {GATEWAY_PORT}\n'
             f'discover = true\ndiscover_interfaces = ["{gw.address}"]\n'
             "max_answer_tokens = 40\njob_deadline_s = 3.0\n"
+            + security
+            + f'client_tokens_file = "{tokens.path}"\n'
         )
         gateway = await system._spawn("gw", [PYTHON, "-m", "stream", "gateway", "--config", str(config)])
         await read_until(gateway, b"listening", timeout=60)
@@ -158,7 +186,7 @@ async def test_workers_found_by_mdns_near_idle_one_chosen_and_traffic_leaves_a_s
     near, far = pool[system.worker_id("stt1")], pool[system.worker_id("stt2")]
     assert far["rtt_ms"] >= 1.5 * RELAY_DELAY_MS and near["rtt_ms"] < RELAY_DELAY_MS, (near, far)
 
-    session = await GatewaySession.connect(system.gateway_url)
+    session = await system.connect()
     throttle: asyncio.Task | None = None
     try:
         turn = 0
@@ -200,7 +228,7 @@ async def duty_cycle(pid: int, stopped_s: float, running_s: float) -> None:
 async def test_no_turn_is_lost_when_worker_processes_are_killed_mid_turn(system, speak):
     await system.wait_healthy(WORKER_ROLES)
     question = "Please tell me a short story about a brave little dragon."
-    session = await GatewaySession.connect(system.gateway_url)
+    session = await system.connect()
     kills: list[str] = []
     try:
         for turn, kind in enumerate(["stt", "llm", "tts", "stt", "llm", "tts"], start=1):
@@ -233,7 +261,7 @@ async def test_no_turn_is_lost_when_worker_processes_are_killed_mid_turn(system,
 async def test_a_stalled_worker_loses_its_job_and_comes_back(system, speak):
     """A worker that stops answering (SIGSTOP) mid-answer: the answer moves on; once resumed, it rejoins."""
     await system.wait_healthy(WORKER_ROLES)
-    session = await GatewaySession.connect(system.gateway_url)
+    session = await system.connect()
     stalled = None
     try:
         await session.say(with_silence(speak("Please tell me a short story about a brave little dragon."), after_s=0.8), 16000)
