@@ -2,7 +2,8 @@
 
 Workers come from the config (static URLs) and from mDNS (``gateway/discovery.py``)
 and may join and leave at any time. For each one the pool keeps a WebSocket
-link (reconnected with backoff; a link that keeps failing backs off longer, so
+link (``wss://`` verified against ``[security] tls_ca``; with a worker key,
+both ends prove it before any job: ``stream/protocol/auth.py``; reconnected with backoff; a link that keeps failing backs off longer, so
 a flapping worker stays out of the way), pings it every ``ping_interval_s``
 (the RTT feeds selection; a missed deadline means the worker is stalled: its
 link is dropped, which fails its jobs over at once), and follows its load

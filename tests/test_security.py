@@ -191,3 +191,14 @@ async def test_every_link_over_tls_with_the_self_signed_pair(start_worker, tmp_p
         assert all(m.url.startswith("wss://") and m.estimate.healthy for m in gateway.pool.members.values())
     finally:
         await gateway.close()
+
+
+def test_security_config_is_checked_at_load():
+    from stream.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        parse_config({"security": {"tls_cert": "/x.crt"}})
+    with pytest.raises(ConfigError, match="security.token_file: unknown key"):
+        parse_config({"security": {"token_file": "/x"}})
+    config = parse_config({"security": {"tls_cert": "/x.crt", "tls_key": "/x.key"}})
+    assert all(url.startswith("wss://") for urls in config.worker_urls().values() for url in urls)
