@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from .protocol import (
+    Auth,
+    AuthOk,
     Connection,
     Error,
     ErrorCode,
@@ -50,6 +52,8 @@ MAX_REPORTED = 20
 HELLO = Hello(
     worker_id="stt@x", kind=WorkerKind.STT, model_id="m", model_sha256="0" * 64, capacity=2, software="s", max_text_bytes=65536, max_frame_bytes=4 << 20
 )
+CHALLENGED_HELLO = HELLO.model_copy(update={"challenge": "c" * 64})
+KEY = bytes(32)
 
 
 def corpus() -> list[bytes]:
@@ -57,6 +61,9 @@ def corpus() -> list[bytes]:
     pcm = np.zeros(320, np.int16).tobytes()
     messages = [
         HELLO,
+        CHALLENGED_HELLO,
+        Auth(nonce="a" * 64, proof="b" * 64),
+        AuthOk(proof="d" * 64),
         JobStart(job_id=7, kind=WorkerKind.STT, params={"language": "en"}, trace="abc.1"),
         JobStart(job_id=8, kind=WorkerKind.LLM, params={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
         JobText(job_id=7, seq=0, text="hello there"),
@@ -102,13 +109,19 @@ def mutate(data: bytes, rng: random.Random, corpus: list[bytes]) -> bytes:
 
 
 def _sides() -> list[Connection]:
-    """A worker's and a client's connection, each with an open job 7 (so job frames reach the state checks)."""
+    """A worker's and a client's connection, each with an open job 7 (so job frames reach the state checks),
+    and both sides of a keyed connection waiting for the other's proof."""
     worker = Connection(Role.WORKER, WorkerKind.STT)
     worker.receive_text(encode_message(JobStart(job_id=7, kind=WorkerKind.STT)))
     client = Connection(Role.CLIENT)
     client.receive_text(encode_message(HELLO))
     client.send(JobStart(job_id=7, kind=WorkerKind.STT))
-    return [worker, client]
+    keyed_worker = Connection(Role.WORKER, WorkerKind.STT, key=KEY)
+    keyed_worker.send(CHALLENGED_HELLO)
+    keyed_client = Connection(Role.CLIENT, key=KEY)
+    keyed_client.receive_text(encode_message(CHALLENGED_HELLO))
+    keyed_client.send(keyed_client.auth())
+    return [worker, client, keyed_worker, keyed_client]
 
 
 def run_fuzz(frames: int, seed: int, out: Path) -> dict[str, Any]:
@@ -122,8 +135,8 @@ def run_fuzz(frames: int, seed: int, out: Path) -> dict[str, Any]:
         data = mutate(rng.choice(inputs), rng, inputs)
         if n % 5000 == 0:
             sides = _sides()  # fresh state now and then, so early jobs stay reachable
-        side = sides[n % 2]
-        as_text = n % 4 < 2
+        side = sides[n % len(sides)]
+        as_text = (n // len(sides)) % 2 == 0
         try:
             if as_text:
                 side.receive_text(data)
