@@ -299,13 +299,18 @@ class Dialog:
                     await turn.stt_job.end()
 
     async def _final_transcript(self, turn: Turn) -> str:
-        """Wait for the final transcript; a worker that misses the deadline is treated as stalled."""
+        """Wait for the final transcript; a worker that misses the deadline is treated as stalled
+        (if there is another worker to move to; else it is waited for, as in :func:`_first_within`)."""
         deadline = self.settings.job_deadline_s
-        for _ in range(failover.MAX_WORKERS_PER_JOB):
+        can_move = self._can_move(WorkerKind.STT, turn.stt_tried)
+        for _ in range(failover.MAX_WORKERS_PER_JOB + STALL_PATIENCE):
             try:
                 return await asyncio.wait_for(asyncio.shield(turn.stt_results), deadline)
             except TimeoutError:
-                turn.stt_lease.fail(f"no final transcript within {deadline:g} s", stalled=True)
+                if can_move():
+                    turn.stt_lease.fail(f"no final transcript within {deadline:g} s", stalled=True)
+                else:
+                    log.warning("turn %s: no final transcript within %g s, and no other worker: waiting", turn.id, deadline)
         return await asyncio.wait_for(asyncio.shield(turn.stt_results), deadline)
 
     async def _finish_turn(self, turn: Turn) -> None:
@@ -422,7 +427,7 @@ class Dialog:
                     self.open_jobs.add(job)
                     await job.end()
                     started = time.monotonic()
-                    async for piece in self._llm_pieces(job):
+                    async for piece in self._llm_pieces(job, tried):
                         if tokens == 0:
                             lease.observe(time.monotonic() - started)
                         tokens += 1
@@ -483,9 +488,10 @@ class Dialog:
             warm_size=job_size(WorkerKind.LLM, prompt_chars=new),
         )
 
-    async def _llm_pieces(self, job: JobHandle) -> AsyncIterator[str]:
+    async def _llm_pieces(self, job: JobHandle, tried: set[str]) -> AsyncIterator[str]:
         """The job's text pieces; the first must come within the deadline, or the worker counts as stalled."""
-        async for event in _first_within(job.events(), self.settings.job_deadline_s, JobResult, "first token"):
+        can_move = self._can_move(WorkerKind.LLM, tried)
+        async for event in _first_within(job.events(), self.settings.job_deadline_s, JobResult, "first token", can_move):
             if isinstance(event, JobResult):
                 yield LlmResult.model_validate(event.data).text
 
@@ -497,7 +503,7 @@ class Dialog:
                 lease = self._lease(Job(WorkerKind.TTS, size=job_size(WorkerKind.TTS, text=clause)), tried)
                 turn.workers.setdefault("tts", lease.worker_id)
                 try:
-                    await self._speak_clause(turn, clause, lease)
+                    await self._speak_clause(turn, clause, lease, tried)
                     break
                 except JobFailed as exc:
                     self._failed_over(turn, lease, exc, tried, "the clause starts again elsewhere")
@@ -513,14 +519,19 @@ class Dialog:
         self.metrics.failovers.labels(lease.member.kind.value).inc()
         log.warning("turn %s: %s job on %s failed (%s); %s", turn.id, lease.member.kind.value, lease.worker_id, exc, next_step)
 
-    async def _speak_clause(self, turn: Turn, clause: str, lease: Lease) -> None:
+    def _can_move(self, kind: WorkerKind, tried: set[str]) -> Callable[[], bool]:
+        """Whether a job of ``kind`` could move now to a worker it has not been on."""
+        return lambda: self.pool.has_worker(kind, model=self.models.get(kind), exclude=frozenset(tried))
+
+    async def _speak_clause(self, turn: Turn, clause: str, lease: Lease, tried: set[str]) -> None:
         job = await lease.client.start_job(TtsParams(text=clause), trace=turn.id)
         self.open_jobs.add(job)
         resampler: Resampler | None = None
         started = time.monotonic()
         try:
             await job.end()
-            async for event in _first_within(job.events(), self.settings.job_deadline_s, MediaFrame, "audio"):
+            can_move = self._can_move(WorkerKind.TTS, tried)
+            async for event in _first_within(job.events(), self.settings.job_deadline_s, MediaFrame, "audio", can_move):
                 if isinstance(event, MediaFrame):
                     if resampler is None:
                         lease.observe(time.monotonic() - started)
@@ -598,18 +609,43 @@ class _Stalled(JobFailed):
         super().__init__(ErrorCode.INTERNAL, message)
 
 
+STALL_PATIENCE = 4
+"""Deadlines a job waits on a slow worker when there is no other worker to move it to."""
+
+
 async def _first_within(
-    events: AsyncIterator[JobResult | MediaFrame], deadline_s: float, first: type, what: str
+    events: AsyncIterator[JobResult | MediaFrame], deadline_s: float, first: type, what: str, can_move: Callable[[], bool]
 ) -> AsyncIterator[JobResult | MediaFrame]:
-    """``events``, where the first of type ``first`` must come within ``deadline_s`` or the worker counts as stalled."""
+    """``events``, where the first of type ``first`` must come within ``deadline_s`` or the worker counts as stalled.
+
+    A worker is only given up on if the job can move (``can_move()``): a slow
+    worker that is the only one left (the others dead or restarting) is waited
+    for, up to ``STALL_PATIENCE`` deadlines, rather than losing the turn.
+    """
     waiting = True
+    missed = 0
     while True:
-        try:
-            event = await (asyncio.wait_for(anext(events), deadline_s) if waiting else anext(events))
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise _Stalled(f"no {what} within {deadline_s:g} s") from None
+        if waiting:
+            # Wait without cancelling: a cancelled anext() would end the events' generator.
+            pending = asyncio.ensure_future(anext(events))
+            try:
+                while not (await asyncio.wait({pending}, timeout=deadline_s))[0]:
+                    missed += 1
+                    if missed >= STALL_PATIENCE or can_move():
+                        raise _Stalled(f"no {what} within {deadline_s * missed:g} s")
+                    log.warning("no %s within %g s, and no other worker to move to: waiting", what, deadline_s * missed)
+            except BaseException:  # stalled, or the turn was cancelled (barge-in) meanwhile
+                pending.cancel()
+                raise
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+        else:
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                return
         waiting = waiting and not isinstance(event, first)
         yield event
 

@@ -266,22 +266,29 @@ class WorkerPool:
 
     def acquire(self, job: Job, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> Lease:
         """A lease on the worker the policy picks for ``job``; :class:`NoWorker` if none qualifies."""
-        usable = {
-            m.worker_id: m
-            for m in self.members.values()
-            if m.kind is job.kind
-            and m.estimate.healthy
-            and m.client is not None
-            and not m.client.closed
-            and m.worker_id not in exclude
-            and (model is None or m.estimate.model == model)
-        }
+        usable = self._usable(job.kind, model, exclude)
         if not usable:
             detail = f" with model {model[0]}" if model is not None and self.available(job.kind) else ""
             raise NoWorker(job.kind, detail)
         chosen = self.policy.choose(job, [m.estimate for m in usable.values()], self.clock())
         self.metrics.decisions.labels(job.kind.value, chosen.worker_id, self.policy.name, "retry" if exclude else "first").inc()
         return Lease(self, usable[chosen.worker_id], job)
+
+    def has_worker(self, kind: WorkerKind, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> bool:
+        """Whether :meth:`acquire` would find a worker now (a job may move only if one is there)."""
+        return bool(self._usable(kind, model, exclude))
+
+    def _usable(self, kind: WorkerKind, model: ModelPin | None, exclude: frozenset[str]) -> dict[str, PooledWorker]:
+        return {
+            m.worker_id: m
+            for m in self.members.values()
+            if m.kind is kind
+            and m.estimate.healthy
+            and m.client is not None
+            and not m.client.closed
+            and m.worker_id not in exclude
+            and (model is None or m.estimate.model == model)
+        }
 
     def snapshot(self) -> list[dict[str, object]]:
         return [m.snapshot() for m in self.members.values()]

@@ -150,3 +150,21 @@ async def test_tts_worker_dies_mid_answer_and_speech_goes_on(two_of_each, speak)
         assert not any(e["type"] == "error" and e["code"] != "answer_truncated" for e in session.events)
     finally:
         await session.close()
+
+
+async def test_a_slow_worker_is_waited_for_when_the_job_has_nowhere_to_move():
+    """The deadline moves a job off a slow worker only if another worker can take it."""
+    from gateway.dialog import STALL_PATIENCE, _first_within, _Stalled
+    from stream.protocol import JobResult
+
+    async def slow_results(delay_s: float):
+        await asyncio.sleep(delay_s)
+        yield JobResult(job_id=1, seq=0, data={"text": "late"})
+
+    deadline = 0.05
+    late = [e async for e in _first_within(slow_results(deadline * 2.5), deadline, JobResult, "token", lambda: False)]
+    assert [e.data["text"] for e in late] == ["late"]
+    with pytest.raises(_Stalled, match="within 0.05 s"):
+        [e async for e in _first_within(slow_results(deadline * 2.5), deadline, JobResult, "token", lambda: True)]
+    with pytest.raises(_Stalled):  # patience has an end
+        [e async for e in _first_within(slow_results(deadline * (STALL_PATIENCE + 1)), deadline, JobResult, "token", lambda: False)]
