@@ -140,14 +140,20 @@ TokenFileOption = Annotated[
 ]
 
 
-def _token_file(file: Path | None, config: Path | None):
-    from gateway.tokens import TokenFile
+def _with_token_file(file: Path | None, config: Path | None, action):
+    """Run ``action(token_file)``; a file that cannot be read or written is a clear error, exit 1."""
+    from gateway.tokens import TokenFile, TokenFileError
 
     path = file or _config(config).security.client_tokens_file
     if not path:
         typer.echo("error: no token file: pass --file, or set [security] client_tokens_file", err=True)
         raise typer.Exit(2)
-    return TokenFile(path)
+    tokens = TokenFile(path)
+    try:
+        return tokens, action(tokens)
+    except TokenFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @token_app.command("create")
@@ -157,14 +163,7 @@ def token_create(
     config: ConfigOption = None,
 ) -> None:
     """Add a client token and print it (only its hash is kept: copy it now)."""
-    from gateway.tokens import TokenFileError
-
-    tokens = _token_file(file, config)
-    try:
-        token = tokens.create(name)
-    except TokenFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    tokens, token = _with_token_file(file, config, lambda tokens: tokens.create(name))
     typer.echo(token)
     typer.echo(f"token {name!r} added to {tokens.path}; a running gateway accepts it within a second", err=True)
 
@@ -172,14 +171,7 @@ def token_create(
 @token_app.command("revoke")
 def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")], file: TokenFileOption = None, config: ConfigOption = None) -> None:
     """Remove a client token; a running gateway refuses it and ends its sessions within a second."""
-    from gateway.tokens import TokenFileError
-
-    tokens = _token_file(file, config)
-    try:
-        removed = tokens.revoke(name)
-    except TokenFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    tokens, removed = _with_token_file(file, config, lambda tokens: tokens.revoke(name))
     if not removed:
         typer.echo(f"error: no token named {name!r} in {tokens.path}", err=True)
         raise typer.Exit(1)
@@ -189,14 +181,7 @@ def token_revoke(name: Annotated[str, typer.Argument(help="The token's name.")],
 @token_app.command("list")
 def token_list(file: TokenFileOption = None, config: ConfigOption = None) -> None:
     """The tokens' names and creation times (the tokens themselves are not stored)."""
-    from gateway.tokens import TokenFileError
-
-    tokens = _token_file(file, config)
-    try:
-        entries = tokens.read()
-    except TokenFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    _, entries = _with_token_file(file, config, lambda tokens: tokens.read())
     for entry in entries:
         typer.echo(f"{entry.name}\t{entry.created}")
 
