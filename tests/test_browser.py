@@ -61,7 +61,9 @@ async def open_page(playwright, tmp_path, monkeypatch) -> AsyncIterator[OpenPage
     contexts: list[BrowserContext] = []
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # Chromium leaves folders in $TMPDIR
 
-    async def open_(url: str, microphone: Path | None = None, grant_media: bool = True, viewport: dict | None = None) -> Page:
+    async def open_(
+        url: str, microphone: Path | None = None, grant_media: bool = True, viewport: dict | None = None, trust_any_certificate: bool = False
+    ) -> Page:
         flags = list(FLAGS)
         if microphone is not None:
             flags.append(f"--use-file-for-fake-audio-capture={microphone}")
@@ -75,6 +77,7 @@ async def open_page(playwright, tmp_path, monkeypatch) -> AsyncIterator[OpenPage
             ignore_default_args=["--mute-audio"],
             viewport=viewport or {"width": 1000, "height": 1000},
             env={**os.environ, "TMPDIR": str(tmp_path)},
+            ignore_https_errors=trust_any_certificate,  # a LAN's self-signed certificate
         )
         contexts.append(context)
         page = context.pages[0] if context.pages else await context.new_page()
@@ -445,5 +448,29 @@ async def test_sdk_reconnects_after_a_gateway_restart_and_answers_again(workers,
         assert result["answer"].strip()
         await page.evaluate("window.jsSession.close()")
         await wait_until(lambda: not gateway.sessions, timeout=15)
+    finally:
+        await gateway.close()
+
+
+async def test_page_over_https_with_the_self_signed_pair(open_page, question_wav, tmp_path):
+    """On a LAN the page must be HTTPS (browsers give the microphone only to secure pages)."""
+    from gateway.tokens import TokenFile
+    from stream import tls
+    from stream.config import SecuritySettings
+
+    cert, key = tmp_path / "edgestream.crt", tmp_path / "edgestream.key"
+    tls.create_self_signed(cert, key, ["localhost", "127.0.0.1"])
+    tokens = TokenFile(tmp_path / "tokens.json")
+    token = tokens.create("phone")
+    security = SecuritySettings(client_tokens_file=str(tokens.path), tls_cert=str(cert), tls_key=str(key))
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), {}, security)
+    port = await gateway.start("127.0.0.1", 0)
+    try:
+        page = await open_page(f"https://127.0.0.1:{port}/#token={token}", microphone=question_wav, trust_any_certificate=True)
+        await expect(page.locator("#workers li")).to_have_count(4)  # /healthz over https
+        assert await page.evaluate("window.isSecureContext && window.edgestreamDemo.gatewayUrl") == f"wss://127.0.0.1:{port}/session"
+        await page.get_by_role("button", name="Start talking").click()
+        await expect(page.locator("#status")).to_have_text("Listening")
+        assert [s.client for s in gateway.sessions.values()] == ["phone"]
     finally:
         await gateway.close()
