@@ -85,7 +85,10 @@ async def test_a_long_utterance_is_answered_in_turns_with_a_clear_error(limited_
 async def test_an_answer_at_the_token_limit_is_cut_with_a_clear_error(limited_gateway, speak):
     session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
     try:
-        await session.say(with_silence(speak("Tell me a long story about the sea.")), 16000)
+        # Short enough to stay under this gateway's 2 s utterance limit (a cut would start a second turn).
+        question = speak("Tell me a story.")
+        assert len(question) / 16000 < 1.6
+        await session.say(with_silence(question), 16000)
         done = await session.wait_event("answer.done", timeout=40)
         assert done["truncated"] and done["text"].strip()
         error = await session.wait_event("error", code="answer_truncated", timeout=5)
