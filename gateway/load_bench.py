@@ -308,7 +308,7 @@ async def run_level(
     """
     port = free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
-    config.write_text(gateway_config(port, harness.worker_urls, f"max_sessions = {sessions + 10}\nice_timeout_s = 60\n"))
+    config.write_text(gateway_config(port, harness.worker_urls, f"max_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\nice_timeout_s = 60\n"))
     gateway = await start_gateway(config, port, harness.workdir / f"gateway-{sessions}.log")
     base = f"http://127.0.0.1:{port}"
     procs: list[asyncio.subprocess.Process] = []
