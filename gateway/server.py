@@ -70,7 +70,6 @@ class Gateway:
         self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]], security: SecuritySettings = SecuritySettings()
     ) -> None:
         self.settings = settings
-        self.security = security
         self.metrics = GatewayMetrics()
         self.tokens = TokenChecker(security.client_tokens_file) if security.client_tokens_file else None
         self.ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
@@ -93,10 +92,6 @@ class Gateway:
             from .loopback import allow_loopback_ice
 
             allow_loopback_ice()
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self.ssl_context else "http"
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         host = host or self.settings.host
