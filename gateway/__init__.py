@@ -1,1 +1,1 @@
-"""The gateway: WebRTC sessions, dialog orchestration, worker pool (see README)."""
+"""The gateway: WebRTC sessions, the conversation (policy without I/O) and its runner, worker pool (see README)."""

@@ -243,7 +243,7 @@ async def start_canned_workers(answer: np.ndarray, answer_rate: int) -> tuple[li
     for kind, engine in (
         (WorkerKind.STT, SimulatedStt(0.0, text=QUESTION)),
         (WorkerKind.LLM, CannedLlm(ANSWER)),
-        (WorkerKind.TTS, CannedTts(answer, answer_rate)),
+        (WorkerKind.TTS, CannedTts(answer, answer_rate, len(ANSWER))),
     ):
         server = WorkerServer(engine, capacity=1024, worker_id=f"canned-{kind.value}")
         urls[kind.value] = f"ws://127.0.0.1:{await server.start('127.0.0.1', 0)}"

@@ -2,7 +2,7 @@
 
 Each :class:`GatewayMetrics` has its own registry (a process may hold several
 gateways, as the tests do). Counters and histograms are updated where things
-happen (``session.py``, ``dialog.py``, ``worker_pool.py``); gauges (open
+happen (``session.py``, ``runner.py``, ``worker_pool.py``); gauges (open
 sessions, each worker's health, RTT and jobs in flight, answer audio queued)
 are read from the live objects when Prometheus scrapes.
 """
@@ -33,10 +33,14 @@ class GatewayMetrics:
         self.stage_seconds = Histogram(
             "edgestream_turn_stage_seconds", "Time from the end of speech to each stage of a turn.", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
-        self.turns = Counter("edgestream_turns", "Turns, by how they ended (answered, interrupted, failed, empty).", ["outcome"], registry=r)
+        self.turns = Counter(
+            "edgestream_turns", "Turns, by how they ended (answered, interrupted, failed, empty, merged into the next).", ["outcome"], registry=r
+        )
         self.sessions = Counter("edgestream_sessions", "Sessions opened.", registry=r)
         self.errors = Counter("edgestream_errors", "Errors sent to clients (signaling and session events), by code.", ["code"], registry=r)
-        self.jobs = Counter("edgestream_jobs", "Jobs given to workers, by outcome (ok, failed).", ["kind", "worker", "outcome"], registry=r)
+        self.jobs = Counter(
+            "edgestream_jobs", "Jobs given to workers, by outcome (ok, failed, cancelled, error).", ["kind", "worker", "outcome"], registry=r
+        )
         self.decisions = Counter(
             "edgestream_selection_decisions",
             "Workers chosen by the selection policy (attempt: first, or retry after a failure).",

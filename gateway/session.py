@@ -1,8 +1,9 @@
-"""One WebRTC session: a peer connection, its tracks and data channel, and its dialog.
+"""One WebRTC session: a peer connection, its tracks and data channel, and its conversation.
 
 Audio in: Opus decoded by aiortc -> PyAV's resampler to 16 kHz mono -> turn
-detector -> dialog. Video in: only the latest frame is kept (a stale frame is
-worth nothing). Audio out: the answer track. Events out: the data channel.
+detector -> the conversation's runner (``gateway/runner.py``), which never
+makes this loop wait. Video in: only the latest frame is kept (a stale frame
+is worth nothing). Audio out: the answer track. Events out: the data channel.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from stream import logs
 from stream.audio import ArrivalLag
 from stream.config import GatewaySettings
 
-from .dialog import Dialog
 from .events import ErrorEvent, Event, SessionReady
 from .limits import TokenBucket
 from .metrics import GatewayMetrics
-from .playout import AnswerTrack
+from .runner import ConversationRunner
 from .turns import TurnDetector, TurnSettings
 from .worker_pool import WorkerPool
 
@@ -53,8 +53,8 @@ class Session:
         # No ICE server unless configured: aiortc's default is a public STUN
         # server, and nothing may leave the local network.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(url) for url in settings.ice_servers]))
-        self.answer_track = AnswerTrack(on_first_audio=self._first_audio)
-        self.dialog = Dialog(pool, settings, metrics, self.id, self.send, self.answer_track, lambda: self.latest_frame)
+        self.runner = ConversationRunner(pool, settings, metrics, self.id, self.send, lambda: self.latest_frame)
+        self.answer_track = self.runner.answer_track
         self.turns = TurnDetector(
             TurnSettings(end_silence_ms=settings.end_silence_ms, pause_ms=settings.speculate_after_ms, max_turn_ms=settings.max_utterance_s * 1000)
         )
@@ -94,8 +94,6 @@ class Session:
             self._spawn(self._ingest_audio(track))
         elif track.kind == "video":
             self._spawn(self._keep_latest_frame(track))
-            if self.settings.vision_interval_s > 0:
-                self._spawn(self.dialog.watch_camera(self.settings.vision_interval_s))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         self.channel = channel
@@ -126,9 +124,6 @@ class Session:
         elif state in ("failed", "closed"):
             self.closed.set()
 
-    def _first_audio(self, turn: int, at: float) -> None:
-        self.dialog.audio_started(turn, at)
-
     # -- media -------------------------------------------------------------------
 
     async def _ingest_audio(self, track: MediaStreamTrack) -> None:
@@ -145,7 +140,7 @@ class Session:
                     self.metrics.audio_frames_lost.inc(lost)
                 for out in resampler.resample(frame):
                     for event in self.turns.push(out.to_ndarray().reshape(-1)):
-                        await self.dialog.handle(event)
+                        self.runner.handle(event)
         except MediaStreamError:
             pass
 
@@ -176,10 +171,10 @@ class Session:
 
     @property
     def task_count(self) -> int:
-        return len(self._tasks) + len(self.dialog._tasks)
+        return len(self._tasks) + self.runner.task_count
 
     async def close(self) -> None:
-        await self.dialog.close()
+        await self.runner.close()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ class TurnSettings:
     """Silence after speech that ends the turn."""
     preroll_ms: float = 256
     pause_ms: float = 128
-    """Silence after which the turn is *probably* over: the dialog starts answering
+    """Silence after which the turn is *probably* over: the conversation starts answering
     speculatively, and keeps the answer's audio back until ``end_silence_ms``
     confirms the end (0: no speculation)."""
     max_turn_ms: float = 30_000

@@ -9,11 +9,14 @@ a flapping worker stays out of the way), pings it every ``ping_interval_s``
 link is dropped, which fails its jobs over at once), and follows its load
 reports.
 
-A job asks :meth:`WorkerPool.acquire` for a :class:`Lease`: the policy
-(``gateway/selection.py``) picks among the healthy workers of the kind that
-serve the session's model and were not already tried for this job. The lease
-reports the job's timing back (``observe``), and ends with ``release`` or,
-when the worker failed it, ``fail``.
+A job holds a :class:`Lease` from :meth:`WorkerPool.lease` in an ``async
+with``: the policy (``gateway/selection.py``) picks among the healthy workers
+of the kind that serve the session's model and were not already tried for
+this job. The lease reports the job's timing back (``observe``) and is given
+back however the block ends: ``ok`` when it completes, ``failed`` when it
+raises :class:`~stream.worker_client.JobFailed` (a :class:`Stalled` job also
+drops the worker's link), ``cancelled`` when it is cancelled, so the
+selection's estimate never keeps a phantom job in flight.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stream.protocol import WorkerKind
-from stream.worker_client import WorkerClient
+from stream.protocol import ErrorCode, WorkerKind
+from stream.worker_client import JobFailed, WorkerClient
 
 from .metrics import GatewayMetrics
 from .selection import Job, LatencyAware, Policy, WorkerEstimate
@@ -163,8 +166,15 @@ class PooledWorker:
         }
 
 
+class Stalled(JobFailed):
+    """The worker gave a job no output within its deadline (``gateway/failover.py``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, message)
+
+
 class Lease:
-    """One job's hold on one worker."""
+    """One job's hold on one worker; an async context manager that gives it back on every path."""
 
     _ids = itertools.count(1)
 
@@ -180,6 +190,19 @@ class Lease:
         member.estimate.in_flight[self.id] = (self.size, pool.clock())
         member.estimate.jobs += 1
         self._open = True
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.release()
+        elif isinstance(exc, JobFailed):
+            self.fail(str(exc), stalled=isinstance(exc, Stalled))
+        elif isinstance(exc, asyncio.CancelledError):
+            self.release("cancelled")
+        else:
+            self.release("error")
 
     def observe(self, seconds: float) -> None:
         """The job's measured latency (input complete to first useful output), for the worker's estimate."""
@@ -273,6 +296,10 @@ class WorkerPool:
         chosen = self.policy.choose(job, [m.estimate for m in usable.values()], self.clock())
         self.metrics.decisions.labels(job.kind.value, chosen.worker_id, self.policy.name, "retry" if exclude else "first").inc()
         return Lease(self, usable[chosen.worker_id], job)
+
+    def lease(self, job: Job, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> Lease:
+        """:meth:`acquire`, for use as ``async with pool.lease(job) as lease:``."""
+        return self.acquire(job, model=model, exclude=exclude)
 
     def has_worker(self, kind: WorkerKind, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> bool:
         """Whether :meth:`acquire` would find a worker now (a job may move only if one is there)."""

@@ -334,11 +334,39 @@ def bench_overhead(
 
 @bench_app.command("voice")
 def bench_voice(
-    turns: Annotated[int, typer.Option(help="Turns to measure (after one warm-up turn).")] = 10,
+    mode: Annotated[str, typer.Option(help="fresh (a new session per question), conversation (all in one session), or both.")] = "both",
+    turns: Annotated[int, typer.Option(help="Turns of the conversation mode (after one warm-up turn).")] = 12,
+    runs: Annotated[int, typer.Option(help="Runs, each on freshly started processes; medians over runs are reported.")] = 1,
+    slowdown: Annotated[
+        Optional[str], typer.Option(help="Emulate a slower box: CPU quota per process, e.g. stt=8,tts=3,llm=1.5,gateway=2 (needs root).")
+    ] = None,
+    first_piece_words: Annotated[Optional[int], typer.Option(help="Override [gateway] first_piece_words.")] = None,
+    tree: Annotated[Optional[Path], typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
     config: ConfigOption = None,
 ) -> None:
-    """Voice-to-voice latency over WebRTC with the SDK, gateway and workers on this box: p50/p95 and stage medians."""
+    """Voice-to-voice latency over WebRTC on open questions in many voices: p50/p95, stage medians, idle floors."""
     from gateway.bench import run_voice_bench
 
-    asyncio.run(run_voice_bench(turns, out, _config(config)))
+    modes = ["fresh", "conversation"] if mode == "both" else [mode]
+    if any(m not in ("fresh", "conversation") for m in modes):
+        typer.echo(f"error: --mode: expected fresh, conversation or both, got {mode!r}", err=True)
+        raise typer.Exit(2)
+    factors: dict[str, float] = {}
+    for item in filter(None, (slowdown or "").split(",")):
+        name, _, value = item.partition("=")
+        try:
+            factors[name.strip()] = float(value)
+        except ValueError:
+            typer.echo(f"error: --slowdown: expected NAME=FACTOR, got {item!r}", err=True)
+            raise typer.Exit(2) from None
+        if name.strip() not in ("gateway", *(k.value for k in WorkerKind)):
+            typer.echo(f"error: --slowdown: unknown process {name!r} (gateway, stt, llm, tts, vision)", err=True)
+            raise typer.Exit(2)
+    try:
+        asyncio.run(run_voice_bench(
+            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words
+        ))
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

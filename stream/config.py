@@ -126,6 +126,9 @@ class GatewaySettings(_Section):
     """Silence after which the answer is prepared speculatively (held back until the
     end of the turn is confirmed, dropped if speech resumes); 0 turns this off."""
     max_answer_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
+    first_piece_words: Annotated[int, Field(ge=1, le=64)] = 4
+    """The first piece of an answer's speech ends at the first punctuation or after this
+    many words, whichever comes first (``stream/clauses.py``): speech starts after a handful of tokens."""
     max_history_turns: Annotated[int, Field(ge=0, le=1000)] = 8
     system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
     vision_on_turn: bool = True

@@ -36,6 +36,7 @@ from .protocol import (
     JobCancel,
     JobDone,
     JobEnd,
+    JobFlush,
     JobResult,
     JobStart,
     JobText,
@@ -115,6 +116,10 @@ class JobHandle:
         await self.client._send(JobText(job_id=self.job_id, seq=self._text_seq, text=text))
         self._text_seq += 1
 
+    async def flush(self) -> None:
+        """Ask for a result for all input so far, now (``job.flush``; STT answers with a flushed transcript)."""
+        await self.client._send(JobFlush(job_id=self.job_id))
+
     async def end(self) -> None:
         """No more input."""
         await self.client._send(JobEnd(job_id=self.job_id))
@@ -124,15 +129,33 @@ class JobHandle:
         if self.job_id in self.client.protocol.jobs:
             await self.client._send(JobCancel(job_id=self.job_id))
 
+    def forget(self) -> None:
+        """Nothing more of this job will be read: its late events are dropped, not queued."""
+        self.client._handles.pop(self.job_id, None)
+
+    @property
+    def open(self) -> bool:
+        """Whether the job may still be running on the worker."""
+        return self.job_id in self.client.protocol.jobs
+
+    async def next_event(self) -> JobResult | MediaFrame | None:
+        """The next result or media frame; ``None`` once the job is done; :class:`JobFailed` if it failed.
+
+        Cancelling the wait loses nothing (unlike cancelling an async generator's ``anext``).
+        """
+        if self.done is not None:
+            return None
+        event = await self._events.get()
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, JobDone):
+            self.done = event
+            return None
+        return event
+
     async def events(self) -> AsyncIterator[JobResult | MediaFrame]:
         """Results and media frames until the job is done; :class:`JobFailed` if it fails."""
-        while True:
-            event = await self._events.get()
-            if isinstance(event, BaseException):
-                raise event
-            if isinstance(event, JobDone):
-                self.done = event
-                return
+        while (event := await self.next_event()) is not None:
             yield event
 
     async def _deliver(self, event: JobEvent | BaseException) -> None:
@@ -312,7 +335,7 @@ class WorkerClient:
 
     # -- transport -------------------------------------------------------------
 
-    async def _send(self, message: JobStart | JobText | JobEnd | JobCancel | LoadRequest) -> None:
+    async def _send(self, message: JobStart | JobText | JobFlush | JobEnd | JobCancel | LoadRequest) -> None:
         try:
             await self.websocket.send(self.protocol.send(message))
         except websockets.ConnectionClosed:

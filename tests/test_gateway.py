@@ -103,7 +103,7 @@ async def test_camera_text_reaches_the_answer_context(gateway, workers, speak):
         assert "EXITGATE7" in vision["text"].replace(" ", "").upper()
         await session.wait_event("answer.done", timeout=30, turn=1)
         gateway_session = next(iter(gateway.sessions.values()))
-        assert any("EXIT GATE 7" in m.content.upper() for m in gateway_session.dialog.last_prompt)
+        assert any("EXIT GATE 7" in m.content.upper() for m in gateway_session.runner.conversation.last_prompt)
     finally:
         await session.close()
 
@@ -192,12 +192,12 @@ async def test_client_leaving_mid_turn_is_cleaned_up(gateway, workers, speak):
     gateway_session = gateway.sessions[session.session_id]
     await session.say(speak("The train to Boston leaves at seven and arrives at noon."), 16000)
     await session.wait_event("transcript.partial", timeout=20)
-    assert gateway_session.dialog.open_jobs  # an STT job is open for the turn
+    assert gateway_session.runner.jobs  # an STT job is open for the turn
     await session.close()  # mid-utterance: no end of speech, no goodbye
     async with asyncio.timeout(15):
         while session.session_id in gateway.sessions or servers[WorkerKind.STT].running:
             await asyncio.sleep(0.05)
-    assert gateway_session.task_count == 0 and not gateway_session.dialog.open_jobs
+    assert gateway_session.task_count == 0 and not gateway_session.runner.jobs
     await other.say(with_silence(speak("Please turn on the kitchen lights.")), 16000)
     final = await other.wait_event("transcript.final", timeout=20)
     assert "kitchen" in final["text"].lower()
@@ -254,7 +254,7 @@ async def test_a_pause_inside_a_turn_does_not_cut_it(gateway, speak):
         await session.wait_event("answer.done", timeout=30, turn=1)
         assert sum(1 for e in session.events if e["type"] == "transcript.final") == 1
         assert sum(1 for e in session.events if e["type"] == "answer.done") == 1
-        assert gateway.sessions[session.session_id].dialog.speculations_dropped >= 1  # the resume path ran
+        assert gateway.sessions[session.session_id].runner.conversation.speculations_dropped >= 1  # the resume path ran
     finally:
         await session.close()
 

@@ -37,6 +37,21 @@ def test_token_bucket_allows_a_burst_then_the_rate():
     assert sum(bucket.allow() for _ in range(10)) == 5 and not bucket.allow()
 
 
+def test_a_flood_lasts_until_the_client_has_been_quiet_for_a_while():
+    """Tokens refilled during a flood let a message through now and then; the flood goes on."""
+    now = [0.0]
+    bucket = TokenBucket(rate=10, burst=2, clock=lambda: now[0], quiet_s=2.0)
+    assert not bucket.refusing
+    for _ in range(50):  # a message every 20 ms for a second
+        bucket.allow()
+        now[0] += 0.02
+    assert bucket.refused > 30 and bucket.refusing
+    now[0] += 1.9
+    assert bucket.refusing
+    now[0] += 0.2
+    assert not bucket.refusing and bucket.allow()
+
+
 def test_a_turn_that_goes_on_too_long_is_cut_and_no_audio_is_lost(speak):
     speech = speak(LONG)
     assert len(speech) / 16000 > 4.5

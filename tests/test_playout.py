@@ -26,7 +26,7 @@ async def talkspurt(track: AnswerTrack, turn: int, frames: int) -> list[int]:
     quiet = asyncio.ensure_future(track.recv())
     await asyncio.sleep(0.15)
     assert not quiet.done()  # nothing to say: no packet at all, not even silence
-    await track.write(turn, tone(frames * FRAME_SAMPLES / SAMPLE_RATE))
+    track.write(turn, 0, tone(frames * FRAME_SAMPLES / SAMPLE_RATE))
     packet = await asyncio.wait_for(quiet, 0.2)  # woken by the audio (bench overhead times how soon)
     pts = [packet.pts]
     assert bytes(packet) != silent_opus_packet()
@@ -41,10 +41,11 @@ async def talkspurt(track: AnswerTrack, turn: int, frames: int) -> list[int]:
 
 async def test_nothing_is_sent_between_answers_and_an_answer_starts_at_once():
     started: list[int] = []
-    track = AnswerTrack(on_first_audio=lambda turn, at: started.append(turn))
+    idle: list[int] = []
+    track = AnswerTrack(on_piece_started=lambda turn, piece, at: started.append(turn), on_idle=idle.append)
     first = await talkspurt(track, 1, 5)
     second = await talkspurt(track, 2, 5)
-    assert started == [1, 2]
+    assert started == [1, 2] and idle == [1, 2]
     # Paced one frame apart within a talkspurt; across the quiet time the timestamps jump by it.
     assert np.diff(first).tolist() == np.diff(second).tolist() == [FRAME_SAMPLES] * 4
     assert second[0] - first[-1] >= TRAILING_SILENT_PACKETS * FRAME_SAMPLES + int(0.15 * SAMPLE_RATE)
@@ -56,11 +57,34 @@ async def test_nothing_is_sent_between_answers_and_an_answer_starts_at_once():
 
 async def test_barge_in_stops_within_a_frame():
     track = AnswerTrack()
-    await track.write(1, tone(2.0))
+    track.write(1, 0, tone(2.0))
     assert bytes(await track.recv()) != silent_opus_packet()
     track.stop()
     assert not track.playing
     assert bytes(await asyncio.wait_for(track.recv(), 0.5)) == silent_opus_packet()
+
+
+async def test_each_piece_is_announced_as_it_starts_and_a_retracted_piece_is_not_played():
+    started: list[tuple[int, int]] = []
+    track = AnswerTrack(on_piece_started=lambda turn, piece, at: started.append((turn, piece)))
+    frame = FRAME_SAMPLES / SAMPLE_RATE
+    track.write(3, 0, tone(2 * frame))
+    track.write(3, 1, tone(2 * frame))
+    track.write(3, 2, tone(2 * frame))
+    track.retract(3, 1)  # its TTS worker was lost: it will be synthesized again
+    assert track.buffered_s == pytest.approx(4 * frame)
+    for _ in range(4):
+        await asyncio.wait_for(track.recv(), 0.5)
+    assert started == [(3, 0), (3, 2)]
+
+
+def test_audio_beyond_the_limit_is_dropped_and_counted():
+    from gateway.playout import MAX_BUFFERED_S
+
+    track = AnswerTrack()
+    track.write(1, 0, np.zeros(int(MAX_BUFFERED_S * SAMPLE_RATE), np.int16))
+    track.write(1, 1, tone(1.0))
+    assert track.buffered_s == pytest.approx(MAX_BUFFERED_S) and track.dropped_s == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("late_s", [0.0, 0.012, 0.05])

@@ -14,6 +14,7 @@ from stream.protocol import (
     JobCancel,
     JobDone,
     JobEnd,
+    JobFlush,
     JobPhase,
     JobResult,
     JobStart,
@@ -53,6 +54,8 @@ def test_job_lifecycle_on_both_sides():
     start = worker.receive_text(client.send(JobStart(job_id=1, kind=WorkerKind.TTS, params={"text": "hi"})))
     assert isinstance(start, JobStart) and worker.jobs == {1: JobPhase.INPUT_OPEN}
     worker.receive_text(client.send(JobText(job_id=1, seq=0, text="more")))
+    assert isinstance(worker.receive_text(client.send(JobFlush(job_id=1))), JobFlush)
+    assert worker.jobs[1] is JobPhase.INPUT_OPEN  # a flush keeps the job's input open
     worker.receive_text(client.send(JobEnd(job_id=1)))
     assert worker.jobs[1] is JobPhase.INPUT_CLOSED and client.jobs[1] is JobPhase.INPUT_CLOSED
     frame = MediaFrame(1, 0, MediaFormat.PCM_S16LE, b"\0\0", 1, 22050)
@@ -118,6 +121,7 @@ def test_input_after_end_is_a_state_error_for_that_job():
     worker.receive_text(JobEnd(job_id=1).model_dump_json())
     error = refused(ErrorCode.BAD_STATE, worker.receive_text, JobText(job_id=1, seq=0, text="x").model_dump_json())
     assert error.job_id == 1
+    assert refused(ErrorCode.BAD_STATE, worker.receive_text, JobFlush(job_id=1).model_dump_json()).job_id == 1
 
 
 def test_an_error_naming_a_job_ends_it_on_both_sides():
@@ -139,6 +143,8 @@ def test_client_cannot_send_for_jobs_it_does_not_have():
     client.send(JobEnd(job_id=1))
     with pytest.raises(LocalProtocolError):
         client.send_frame(MediaFrame(1, 0, MediaFormat.PNG, b"x"))
+    with pytest.raises(LocalProtocolError):
+        client.send(JobFlush(job_id=1))
     assert client.next_job_id() == 2
 
 
@@ -150,7 +156,7 @@ def test_load_request_and_report():
 
 
 # A random walk over client actions: the two state machines never disagree.
-actions = st.lists(st.tuples(st.sampled_from(["start", "text", "end", "cancel", "done", "error", "result"]), st.integers(1, 4)), max_size=40)
+actions = st.lists(st.tuples(st.sampled_from(["start", "text", "flush", "end", "cancel", "done", "error", "result"]), st.integers(1, 4)), max_size=40)
 
 
 @settings(max_examples=300)
@@ -164,6 +170,8 @@ def test_client_and_worker_states_stay_in_step(steps):
                 worker.receive_text(data)
             elif action == "text":
                 worker.receive_text(client.send(JobText(job_id=job_id, seq=0, text="x")))
+            elif action == "flush":
+                worker.receive_text(client.send(JobFlush(job_id=job_id)))
             elif action == "end":
                 worker.receive_text(client.send(JobEnd(job_id=job_id)))
             elif action == "cancel":

@@ -104,3 +104,121 @@ async def test_english_only_model_refuses_another_language(start_worker, connect
     with pytest.raises(JobFailed, match="English-only"):
         async for _ in job.events():
             pass
+
+
+async def test_a_flush_gives_a_careful_transcript_now_and_the_job_goes_on(start_worker, connect, speak):
+    """The gateway flushes when the person pauses; if they go on, the same job hears the rest."""
+    _, url = await start_worker(WorkerKind.STT)
+    stt = await connect(url)
+    first, rest = "Please turn on the kitchen lights", "and close the door."
+    job = await stt.start_job({"partials": False})
+    await job.send_audio(speak(first))
+    await job.flush()
+    flushed = SttResult.model_validate((await asyncio.wait_for(job.next_event(), 20)).data)
+    assert flushed.flushed and not flushed.final
+    assert word_error_rate(first, flushed.text) <= 0.2
+    await job.send_audio(speak(rest))
+    await job.flush()
+    again = SttResult.model_validate((await asyncio.wait_for(job.next_event(), 20)).data)
+    assert again.flushed and again.audio_s > flushed.audio_s
+    assert word_error_rate(f"{first} {rest}", again.text) <= 0.25
+    await job.end()  # nothing came after the last flush: its transcript is the final one
+    final = SttResult.model_validate((await asyncio.wait_for(job.next_event(), 20)).data)
+    assert final.final and final.text == again.text and final.audio_s == again.audio_s
+    assert await job.next_event() is None and job.done.reason == "complete"
+
+
+class _Decodes:
+    """A stand-in STT engine whose decodes end when the test says (a box as slow as the test likes)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stream.config import SttSettings
+
+        self.settings = SttSettings(partial_interval_s=0.1)
+        self._decode_pool, self._partial_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.running: list[tuple[str, int, asyncio.Future[float]]] = []
+        self.started = asyncio.Event()
+
+    async def _transcribe(self, job, chunks, language, pool):
+        lane = "decode" if pool is self._decode_pool else "partial"
+        took: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        samples = sum(len(c) for c in chunks)
+        self.running.append((lane, samples, took))
+        self.started.set()
+        seconds = await took
+        return f"{lane} of {samples}", samples / STT_SAMPLE_RATE, seconds
+
+    async def next_start(self) -> tuple[str, int, asyncio.Future[float]]:
+        count = len(self.running)
+        async with asyncio.timeout(5):
+            while len(self.running) == count:
+                self.started.clear()
+                await self.started.wait()
+        return self.running[-1]
+
+
+def _stt_job() -> tuple[object, list[SttResult]]:
+    from workers.job import Job
+
+    results: list[SttResult] = []
+
+    async def send_result(data):
+        results.append(SttResult.model_validate(data))
+
+    async def send_audio(pcm, rate):
+        pass
+
+    from stream.protocol.jobs import SttParams
+
+    return Job(1, SttParams(), send_result, send_audio), results
+
+
+async def test_a_flush_never_waits_for_a_partial_and_outdates_it():
+    from workers.stt import _Utterance
+
+    engine = _Decodes()
+    job, results = _stt_job()
+    utterance = _Utterance(job, engine, job.params, clock=lambda: 0.0)
+    utterance.add(np.zeros(1600, np.int16))  # 0.1 s of new audio: a partial starts
+    lane, _, partial = await engine.next_start()
+    assert lane == "partial"
+    utterance.add(np.zeros(1600, np.int16))
+    utterance.flush()  # while the partial still decodes
+    lane, samples, flush = await engine.next_start()
+    assert lane == "decode" and samples == 3200
+    flush.set_result(0.05)
+    await asyncio.wait_for(utterance._flush, 5)
+    assert [(r.flushed, r.text) for r in results] == [(True, "decode of 3200")]
+    partial.set_result(0.3)  # finishes after the flush, covering less audio: dropped
+    await asyncio.wait_for(utterance._partial, 5)
+    assert len(results) == 1
+    utterance.close()
+
+
+async def test_partials_back_off_when_decoding_is_slow():
+    from workers.stt import PARTIAL_DUTY, _Utterance
+
+    engine = _Decodes()
+    job, results = _stt_job()
+    now = [0.0]
+    utterance = _Utterance(job, engine, job.params, clock=lambda: now[0])
+    utterance.add(np.zeros(1600, np.int16))
+    _, _, first = await engine.next_start()
+    now[0] = 0.3
+    first.set_result(0.3)  # a slow box: 0.3 s per partial
+    await asyncio.wait_for(utterance._partial, 5)
+    done = utterance._partial
+    wait = 0.3 * (1 / PARTIAL_DUTY - 1)
+    for step in range(1, 6):  # plenty of new audio, but the decoder rests
+        now[0] = 0.3 + wait * step / 6
+        utterance.add(np.zeros(1600, np.int16))
+        assert utterance._partial is done
+    now[0] = 0.3 + wait + 1e-6
+    utterance.add(np.zeros(1600, np.int16))
+    assert utterance._partial is not done
+    lane, samples, _ = await engine.next_start()
+    assert lane == "partial" and samples == 7 * 1600
+    engine.running[-1][2].set_result(0.01)
+    utterance.close()

@@ -28,7 +28,12 @@ class TextInput:
     text: str
 
 
-JobInput = TextInput | MediaFrame
+@dataclass(frozen=True, slots=True)
+class FlushInput:
+    """The client asked for a result for everything sent so far (``job.flush``)."""
+
+
+JobInput = TextInput | FlushInput | MediaFrame
 
 
 class JobCancelled(Exception):
@@ -51,17 +56,25 @@ class Job:
     compute_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     stats: dict[str, float] = field(default_factory=dict)
+    trace: str | None = None
+    """What the job is part of (the gateway's turn id), for log lines about it outside its task."""
 
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
-    async def next_input(self) -> JobInput | None:
-        """The next input piece, or ``None`` once the client sent ``job.end``."""
-        item = await self.inputs.get()
-        if self.cancelled:
-            raise JobCancelled
-        return item
+    async def next_input(self, *, flushes: bool = False) -> JobInput | None:
+        """The next input piece, or ``None`` once the client sent ``job.end``.
+
+        ``job.flush`` comes as :class:`FlushInput` only to an engine that asks
+        for it (``flushes``); the others produce results from each input anyway.
+        """
+        while True:
+            item = await self.inputs.get()
+            if self.cancelled:
+                raise JobCancelled
+            if flushes or not isinstance(item, FlushInput):
+                return item
 
     async def emit(self, data: dict[str, Any]) -> None:
         if self.cancelled:

@@ -10,6 +10,10 @@
   its oldest turns, then the start of its last message; it never fails.
 - ``capacity`` instances are loaded (the weights are memory-mapped and shared),
   so jobs really run in parallel instead of queueing on one context.
+- A ``prefill`` request only evaluates its messages into the cache of the
+  instance that holds most of them already: the gateway sends one after
+  trimming a conversation's history, so the next question does not wait for
+  the trimmed history to be evaluated again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,17 @@ CHATML_TEMPLATE = (
 """Used when a GGUF carries no chat template of its own."""
 
 _DONE = object()
+PREFILL_CHUNK = 64
+"""Tokens evaluated between checks for cancel while prefilling."""
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class ChatPrompt:
@@ -151,6 +166,9 @@ class LlmEngine(Engine):
 
     async def run(self, job: Job) -> None:
         params: LlmParams = job.params
+        if params.prefill:
+            await self._prefill(job, params)
+            return
         loop = asyncio.get_running_loop()
         prompt, budget, dropped = await loop.run_in_executor(None, self.fit_to_context, params.messages, params.max_tokens)
         if params.answer_prefix:
@@ -220,6 +238,41 @@ class LlmEngine(Engine):
             put(exc)
         finally:
             release()
+
+    async def _prefill(self, job: Job, params: LlmParams) -> None:
+        """Evaluate ``params.messages`` into the cache of the instance that holds most of them already.
+
+        The request that extends them next (the conversation's next question)
+        finds them cached there and starts at once. Evaluated in chunks of
+        ``PREFILL_CHUNK`` tokens, with cancel checked in between.
+        """
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(None, lambda: self._prompt.tokens(params.messages, add_generation_prompt=False))
+        if len(tokens) > self.n_ctx // 2:
+            job.stats["prefilled"] = 0
+            return  # too long to be worth keeping: the next request will trim it anyway
+        llm = await self._acquire(tokens)
+        reused = cached_prefix(llm, tokens)
+        done = loop.create_future()
+
+        def evaluate() -> None:
+            try:
+                llm.n_tokens = reused  # eval() drops the cache beyond this
+                for start in range(reused, len(tokens), PREFILL_CHUNK):
+                    if job.cancel_event.is_set():
+                        break
+                    llm.eval(tokens[start : start + PREFILL_CHUNK])
+                loop.call_soon_threadsafe(_settle, done, None)
+            except BaseException as exc:  # handed to the event loop, which fails the job
+                loop.call_soon_threadsafe(_settle, done, exc)
+            finally:
+                loop.call_soon_threadsafe(self._release, llm)
+
+        started = time.perf_counter()
+        threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True).start()
+        await done
+        job.count(0, time.perf_counter() - started)
+        job.stats.update(prompt_tokens=len(tokens), prompt_tokens_reused=reused, prefilled=len(tokens) - reused)
 
     def close(self) -> None:
         for llm in self._instances:

@@ -37,6 +37,7 @@ from stream.protocol import (
     JobCancel,
     JobDone,
     JobEnd,
+    JobFlush,
     JobResult,
     JobStart,
     JobText,
@@ -53,7 +54,7 @@ from stream.protocol.auth import new_nonce
 from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
-from .job import Job, JobCancelled, TextInput
+from .job import FlushInput, Job, JobCancelled, TextInput
 from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 
@@ -204,11 +205,12 @@ class WorkerServer:
                 finally:
                     self.running -= 1
             self.jobs_completed += 1
-            self.rate.observe(job.work_units, job.compute_s)
-            self.metrics.compute_seconds.observe(job.compute_s)
         finally:
             if waiting:
                 self.queued -= 1
+            if job.work_units > 0:  # a cancelled job did work too (an STT job after its flush)
+                self.rate.observe(job.work_units, job.compute_s)
+                self.metrics.compute_seconds.observe(job.compute_s)
 
 
 class WorkerSession:
@@ -281,6 +283,8 @@ class WorkerSession:
             self._start(message)
         elif isinstance(message, JobText):
             await self._feed(message.job_id, TextInput(message.text))
+        elif isinstance(message, JobFlush):
+            await self._feed(message.job_id, FlushInput())
         elif isinstance(message, JobEnd):
             await self._feed(message.job_id, None)
         elif isinstance(message, JobCancel):
@@ -305,7 +309,7 @@ class WorkerSession:
             where = ".".join(str(p) for p in first["loc"]) or "params"
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"params.{where}: {first['msg']}", job_id) from None
         first_output = self._first_output_timer()
-        job = Job(job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output))
+        job = Job(job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output), trace=message.trace)
         # The job's task, and so every log line about it, carries the gateway's turn id.
         with logs.bound(turn=message.trace, job=f"{self.server.kind.value}/{job_id}"):
             task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
@@ -333,7 +337,7 @@ class WorkerSession:
         log.info("%s %s: job %d complete (%.1f ms compute)", self.server.worker_id, self.peer, job.job_id, job.compute_s * 1000)
         await self._finish(JobDone(job_id=job.job_id, reason="complete", stats=job.stats))
 
-    async def _feed(self, job_id: int, item: TextInput | MediaFrame | None) -> None:
+    async def _feed(self, job_id: int, item: TextInput | FlushInput | MediaFrame | None) -> None:
         entry = self.jobs.get(job_id)
         if entry is not None:
             # Waits when the job's input queue is full: backpressure, never a drop.
@@ -351,7 +355,8 @@ class WorkerSession:
         self.server.jobs_cancelled += 1
         self.server.metrics.job_ended("cancelled")
         await self._finish(JobDone(job_id=job_id, reason="cancelled", stats=job.stats))
-        log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job_id)
+        with logs.bound(turn=job.trace, job=f"{self.server.kind.value}/{job_id}"):
+            log.info("%s %s: job %d cancelled", self.server.worker_id, self.peer, job_id)
 
     async def _refuse(self, exc: ProtocolError) -> None:
         """Answer a refused message; a refusal that names a running job ends it."""

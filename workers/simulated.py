@@ -20,7 +20,7 @@ from stream.protocol import WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, LlmResult, SttResult, TtsResult
 
 from .engine import Engine
-from .job import Job
+from .job import FlushInput, Job
 from .model_files import ModelFile
 
 
@@ -29,7 +29,8 @@ def _model(kind: WorkerKind, name: str) -> ModelFile:
 
 
 class SimulatedStt(Engine):
-    """Takes an utterance and answers ``text`` after ``audio seconds * seconds_per_audio_second`` of (simulated) compute."""
+    """Takes an utterance and answers ``text`` after ``audio seconds * seconds_per_audio_second`` of (simulated)
+    compute; a flush is answered at once with ``text``."""
 
     kind = WorkerKind.STT
     rate_unit = "audio_s"
@@ -41,7 +42,10 @@ class SimulatedStt(Engine):
 
     async def run(self, job: Job) -> None:
         samples = 0
-        while (item := await job.next_input()) is not None:
+        while (item := await job.next_input(flushes=True)) is not None:
+            if isinstance(item, FlushInput):
+                await job.emit(SttResult(text=self.text, final=False, flushed=True, audio_s=samples / STT_SAMPLE_RATE).model_dump())
+                continue
             samples += len(item.payload) // 2
         audio_s = samples / STT_SAMPLE_RATE
         started = time.perf_counter()
@@ -69,21 +73,35 @@ class CannedLlm(Engine):
 
 
 class CannedTts(Engine):
-    """Speaks every clause as the same recording, at once (in 0.25 s chunks, as piper streams)."""
+    """Speaks an answer's pieces with one recording of the whole answer, at once.
+
+    Each piece gets its share of the recording by characters (``text_chars``:
+    the answer's length), in 0.25 s chunks as piper streams, so an answer cut
+    into any pieces sounds as long as the recording.
+    """
 
     kind = WorkerKind.TTS
     rate_unit = "chars"
 
-    def __init__(self, pcm: np.ndarray, sample_rate: int) -> None:
+    def __init__(self, pcm: np.ndarray, sample_rate: int, text_chars: int) -> None:
         super().__init__(_model(WorkerKind.TTS, "canned-tts"))
         self.pcm = np.asarray(pcm, np.int16)
         self.sample_rate = sample_rate
+        self.samples_per_char = len(self.pcm) / max(1, text_chars)
 
     async def run(self, job: Job) -> None:
-        while await job.next_input() is not None:
-            pass
-        step = self.sample_rate // 4
-        for start in range(0, len(self.pcm), step):
-            await job.emit_audio(self.pcm[start : start + step], self.sample_rate)
-        await job.emit(TtsResult(clause=job.params.text, audio_s=len(self.pcm) / self.sample_rate, sample_rate=self.sample_rate).model_dump())
-        job.count(len(job.params.text), 1e-6)
+        position = 0
+        pieces = [job.params.text] if job.params.text else []
+        while True:
+            for piece in pieces:
+                end = min(len(self.pcm), position + int(round(len(piece) * self.samples_per_char)))
+                step = self.sample_rate // 4
+                for start in range(position, end, step):
+                    await job.emit_audio(self.pcm[start : min(end, start + step)], self.sample_rate)
+                await job.emit(TtsResult(clause=piece, audio_s=(end - position) / self.sample_rate, sample_rate=self.sample_rate).model_dump())
+                job.count(len(piece), 1e-6)
+                position = end
+            item = await job.next_input()
+            if item is None:
+                return
+            pieces = [item.text]

@@ -2,9 +2,11 @@
 
 A job is one utterance of 16 kHz mono PCM. While audio arrives, a partial
 transcript of everything so far is produced every ``partial_interval_s`` of new
-audio; at ``job.end`` the final transcript follows at once. Audio is buffered,
-never dropped: if a decode is still running when more audio arrives, the next
-partial simply covers more.
+audio (less often on a box too slow for that: :class:`_Utterance`); a
+``job.flush`` gets a careful transcript of everything so far at once (the
+gateway sends it when the person pauses), and ``job.end`` the final one.
+Audio is buffered, never dropped: if a decode is still running when more
+audio arrives, the next one simply covers more.
 
 Decoding speed: faster-whisper's ``transcribe()`` pads every call to Whisper's
 30 s window (~0.4-0.8 s here for any utterance). For utterances that fit a
@@ -19,7 +21,9 @@ the full 30 s path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,13 +35,15 @@ from stream.protocol import ErrorCode, ProtocolError, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, SttParams, SttResult
 
 from .engine import Engine
-from .job import Job, TextInput, require_pcm
+from .job import FlushInput, Job, TextInput, require_pcm
 from .model_files import ModelFile
 
 FRAMES_PER_SECOND = 100  # Whisper's log-mel hop is 10 ms
 SHORT_WINDOWS_S = (4, 8, 15)
 """Encoder windows tried before the full 30 s one; each fits a shorter utterance."""
 WINDOW_MARGIN_S = 0.3
+PARTIAL_DUTY = 1 / 3
+"""At most this share of one decode thread goes to a job's partial transcripts."""
 
 
 def window_frames(duration_s: float) -> int | None:
@@ -89,10 +95,22 @@ class SttEngine(Engine):
             device="cpu",
             compute_type=settings.compute_type,
             cpu_threads=settings.threads,
-            num_workers=settings.capacity,
+            # One model replica per decode thread below: a final never waits for a replica.
+            num_workers=2 * settings.capacity,
         )
         self._tokenizers: dict[str, Tokenizer] = {}
-        self._pool = ThreadPoolExecutor(settings.capacity, thread_name_prefix="stt")
+        self._decode_pool = ThreadPoolExecutor(settings.capacity, thread_name_prefix="stt-final")
+        """Flushes and finals: what a client waits for."""
+        self._partial_pool = ThreadPoolExecutor(settings.capacity, thread_name_prefix="stt-partial")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode once on every model replica at load: a replica's first decode costs several times a
+        later one, and would otherwise land on someone's first transcript (and in the selection's estimate)."""
+        noise = np.random.default_rng(0).normal(0, 0.01, STT_SAMPLE_RATE).astype(np.float32)
+        pools = [self._decode_pool, self._partial_pool] * self.settings.capacity
+        for future in [pool.submit(self.transcribe, noise) for pool in pools]:
+            future.result()
 
     def _tokenizer(self, language: str) -> Tokenizer:
         if language not in self._tokenizers:
@@ -139,54 +157,128 @@ class SttEngine(Engine):
         segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False)
         return " ".join(segment.text.strip() for segment in segments).strip()
 
-    async def _transcribe(self, job: Job, chunks: list[np.ndarray], language: str) -> tuple[str, float]:
+    async def _transcribe(self, job: Job, chunks: list[np.ndarray], language: str, pool: ThreadPoolExecutor) -> tuple[str, float, float]:
+        """(text, audio seconds, compute seconds) of ``chunks``, decoded in ``pool``."""
         audio = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
         started = time.perf_counter()
-        text = await asyncio.get_running_loop().run_in_executor(self._pool, self.transcribe, audio, language)
+        text = await asyncio.get_running_loop().run_in_executor(pool, self.transcribe, audio, language)
         elapsed = time.perf_counter() - started
         job.count(0.0, elapsed)
-        return text, len(audio) / STT_SAMPLE_RATE
+        return text, len(audio) / STT_SAMPLE_RATE, elapsed
 
     async def run(self, job: Job) -> None:
         params: SttParams = job.params
         self._tokenizer(params.language)  # refuse an unsupported language before any audio
-        chunks: list[np.ndarray] = []
-        samples = 0
-        since_partial = 0
-        partial_every = int(self.settings.partial_interval_s * STT_SAMPLE_RATE)
-        max_samples = int(self.settings.max_utterance_s * STT_SAMPLE_RATE)
-        partial: asyncio.Task[None] | None = None
-        superseded = asyncio.Event()
+        utterance = _Utterance(job, self, params)
         try:
-            while (item := await job.next_input()) is not None:
+            while (item := await job.next_input(flushes=True)) is not None:
+                if isinstance(item, FlushInput):
+                    utterance.flush()
+                    continue
                 if isinstance(item, TextInput):
                     raise ProtocolError(ErrorCode.BAD_FORMAT, "speech-to-text jobs take PCM frames, not text", job.job_id)
                 pcm = require_pcm(item, STT_SAMPLE_RATE)
-                samples += len(pcm)
-                if samples > max_samples:
+                if utterance.samples + len(pcm) > self.settings.max_utterance_s * STT_SAMPLE_RATE:
                     raise ProtocolError(
                         ErrorCode.LIMIT, f"utterance longer than {self.settings.max_utterance_s:g} s", job.job_id
                     )
-                chunks.append(pcm)
-                since_partial += len(pcm)
-                # One partial decode at a time: if one is still running, the next covers more audio.
-                if params.partials and since_partial >= partial_every and (partial is None or partial.done()):
-                    since_partial = 0
-                    partial = asyncio.create_task(self._partial(job, list(chunks), params.language, superseded))
+                utterance.add(pcm)
+            text, audio_s = await utterance.final()
         finally:
-            superseded.set()  # a partial still decoding must not follow the final transcript
-        text, audio_s = await self._transcribe(job, chunks, params.language)
-        job.count(audio_s, 0.0)
+            utterance.close()
+        job.count(max(0.0, audio_s - utterance.counted_s), 0.0)
         job.stats["audio_s"] = round(audio_s, 3)
         await job.emit(SttResult(text=text, final=True, audio_s=round(audio_s, 3)).model_dump())
 
-    async def _partial(self, job: Job, chunks: list[np.ndarray], language: str, superseded: asyncio.Event) -> None:
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._partial_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Utterance:
+    """One job's audio and the decodes running on it.
+
+    Three kinds of decode, in two thread pools, so that the one a client
+    waits for never queues behind one it does not: *partials* (every
+    ``partial_interval_s`` of new audio, one at a time, in the partial pool)
+    and *flushes* and the *final* (in the decode pool). A partial waits at
+    least ``1 / PARTIAL_DUTY - 1`` times as long as the last one took, so on a
+    box too slow to keep up partials thin out instead of piling up. Results
+    go out in order of the audio they cover: a partial that finishes after a
+    flush covering more audio is dropped.
+    """
+
+    def __init__(self, job: Job, engine: SttEngine, params: SttParams, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.job = job
+        self.clock = clock
+        self.engine = engine
+        self.params = params
+        self.chunks: list[np.ndarray] = []
+        self.samples = 0
+        self._since_partial = 0
+        self._partial_every = int(engine.settings.partial_interval_s * STT_SAMPLE_RATE)
+        self._partial: asyncio.Task[None] | None = None
+        self._partial_allowed_at = 0.0
+        self._flush: asyncio.Task[str] | None = None
+        self._flushed_samples = -1
+        """Samples covered by the last flush (-1: none yet)."""
+        self._covered = 0
+        """Samples covered by the last result sent; an older one is not sent after it."""
+        self._counted = 0
+        """Samples counted as work done (for the worker's service rate)."""
+
+    def add(self, pcm: np.ndarray) -> None:
+        self.chunks.append(pcm)
+        self.samples += len(pcm)
+        self._since_partial += len(pcm)
+        if (
+            self.params.partials
+            and self._since_partial >= self._partial_every
+            and (self._partial is None or self._partial.done())
+            and (self._flush is None or self._flush.done())
+            and self.clock() >= self._partial_allowed_at
+        ):
+            self._since_partial = 0
+            self._partial = asyncio.create_task(self._run_partial(list(self.chunks), self.samples))
+
+    def flush(self) -> None:
+        """Decode everything so far now, after any earlier flush (results stay in order)."""
+        self._flushed_samples = self.samples
+        self._flush = asyncio.create_task(self._run_flush(list(self.chunks), self.samples, self._flush))
+
+    async def final(self) -> tuple[str, float]:
+        """The final transcript: the last flush's, if no audio came after it."""
+        if self._flush is not None and self._flushed_samples == self.samples:
+            return await self._flush, self.samples / STT_SAMPLE_RATE
+        text, audio_s, _ = await self.engine._transcribe(self.job, self.chunks, self.params.language, self.engine._decode_pool)
+        return text, audio_s
+
+    @property
+    def counted_s(self) -> float:
+        return self._counted / STT_SAMPLE_RATE
+
+    def close(self) -> None:
+        for task in (self._partial, self._flush):
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _run_partial(self, chunks: list[np.ndarray], samples: int) -> None:
         try:
-            text, audio_s = await self._transcribe(job, chunks, language)
-            if not superseded.is_set():
-                await job.emit(SttResult(text=text, final=False, audio_s=round(audio_s, 3)).model_dump())
+            text, audio_s, took = await self.engine._transcribe(self.job, chunks, self.params.language, self.engine._partial_pool)
+            self._partial_allowed_at = self.clock() + took * (1 / PARTIAL_DUTY - 1)
+            if samples > self._covered:
+                self._covered = samples
+                await self.job.emit(SttResult(text=text, final=False, audio_s=round(audio_s, 3)).model_dump())
         except Exception:  # the job itself reports failures; a lost partial is harmless
             pass
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    async def _run_flush(self, chunks: list[np.ndarray], samples: int, previous: asyncio.Task[str] | None) -> str:
+        text, audio_s, _ = await self.engine._transcribe(self.job, chunks, self.params.language, self.engine._decode_pool)
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
+        self.job.count(max(0, samples - self._counted) / STT_SAMPLE_RATE, 0.0)  # the service rate counts this audio
+        self._counted = max(self._counted, samples)
+        self._covered = max(self._covered, samples)
+        await self.job.emit(SttResult(text=text, final=False, flushed=True, audio_s=round(audio_s, 3)).model_dump())
+        return text

@@ -21,6 +21,7 @@ from .messages import (
     JobCancel,
     JobDone,
     JobEnd,
+    JobFlush,
     JobResult,
     JobStart,
     JobText,
@@ -32,7 +33,7 @@ from .messages import (
 
 __all__ = [
     "DEFAULT_LIMITS", "HEADER_SIZE", "PROTOCOL_VERSION",
-    "Auth", "AuthOk", "Connection", "Error", "ErrorCode", "Hello", "JobCancel", "JobDone", "JobEnd", "JobPhase",
+    "Auth", "AuthOk", "Connection", "Error", "ErrorCode", "Hello", "JobCancel", "JobDone", "JobEnd", "JobFlush", "JobPhase",
     "JobResult", "JobStart", "JobText", "Limits", "LoadReport", "LoadRequest", "LocalProtocolError",
     "MediaFormat", "MediaFrame", "Message", "ProtocolError", "Role", "WorkerKind",
     "decode_frame", "decode_message", "encode_frame", "encode_message",

@@ -24,6 +24,7 @@ anyone's.
 States of a job, the same on both sides::
 
     (none) --job.start--> INPUT_OPEN --job.end--> INPUT_CLOSED
+                          (job.text, job.flush and media only while INPUT_OPEN)
       INPUT_OPEN / INPUT_CLOSED --job.done or error(job_id)--> (gone)
 
 Job ids only grow on a connection. That keeps the state bounded and tells a
@@ -51,6 +52,7 @@ from .messages import (
     JobCancel,
     JobDone,
     JobEnd,
+    JobFlush,
     JobResult,
     JobStart,
     JobText,
@@ -146,7 +148,7 @@ class Connection:
                 )
             self.jobs[message.job_id] = JobPhase.INPUT_OPEN
             return message
-        if isinstance(message, (JobText, JobEnd)):
+        if isinstance(message, (JobText, JobFlush, JobEnd)):
             phase = self._phase(message.job_id)
             if phase is None:
                 return None
@@ -292,7 +294,7 @@ class Connection:
                 raise LocalProtocolError(f"job id {message.job_id} is not greater than {self._last_job_id}")
             self._last_job_id = message.job_id
             self.jobs[message.job_id] = JobPhase.INPUT_OPEN
-        elif isinstance(message, (JobText, JobEnd)):
+        elif isinstance(message, (JobText, JobFlush, JobEnd)):
             if self.jobs.get(message.job_id) is not JobPhase.INPUT_OPEN:
                 raise LocalProtocolError(f"{message.type} for job {message.job_id}, which takes no input now")
             if isinstance(message, JobEnd):

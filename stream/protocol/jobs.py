@@ -35,6 +35,9 @@ class SttResult(_Model):
     text: str
     final: bool
     """``False`` for a partial transcript, ``True`` for the one final transcript."""
+    flushed: bool = False
+    """A transcript of all audio sent before a ``job.flush``, decoded as carefully as a
+    final one (a partial may skip audio or lag behind); the job goes on."""
     audio_s: float
     """Seconds of utterance audio this transcript covers."""
 
@@ -55,6 +58,10 @@ class LlmParams(_Model):
     seed: int | None = None
     answer_prefix: Annotated[str, Field(max_length=16_384)] = ""
     """The answer so far: generation continues after it (a job moved from a lost worker)."""
+    prefill: bool = False
+    """Only evaluate ``messages`` into the worker's cache, and answer nothing: a
+    later request that extends them starts without re-evaluating them (the
+    gateway sends one after trimming a conversation's history)."""
 
 
 class LlmResult(_Model):
@@ -66,7 +73,13 @@ class LlmResult(_Model):
 
 
 class TtsParams(_Model):
-    """Text arrives in ``job.text`` pieces (and/or here); audio streams back as PCM frames."""
+    """Text arrives in ``job.text`` pieces (and/or here); audio streams back as PCM frames.
+
+    Each ``job.text`` piece is spoken as one unit, in order: the client decides
+    where the text is cut (the gateway cuts an answer with
+    :class:`stream.clauses.SpeechChunker`), and the worker never cuts it again.
+    ``text`` is a whole text at once, spoken sentence by sentence.
+    """
 
     text: Annotated[str, Field(max_length=4096)] = ""
     length_scale: Annotated[float, Field(gt=0.2, le=4.0)] | None = None
@@ -74,7 +87,7 @@ class TtsParams(_Model):
 
 
 class TtsResult(_Model):
-    """Sent after the audio of each clause, so a client knows what has been spoken."""
+    """Sent after the audio of each piece (or of ``params.text``), so a client knows what has been spoken."""
 
     clause: str
     audio_s: float

@@ -15,6 +15,7 @@ type                      sent by             meaning
 ``auth.ok``               worker              the worker's own proof; jobs may start
 ``job.start``             client (gateway)    open a job; kind-specific ``params``
 ``job.text``              client              a piece of text input (TTS)
+``job.flush``             client              results for the input so far, now (STT)
 ``job.end``               client              no more input for this job
 ``job.cancel``            client              stop the job as soon as possible
 ``job.result``            worker              one streamed result, numbered by ``seq``
@@ -114,6 +115,20 @@ class JobText(_Message):
     text: str
 
 
+class JobFlush(_Message):
+    """Produce a result for all input sent so far, now, and keep the job open.
+
+    STT answers with a transcript of the whole utterance so far
+    (``SttResult.flushed``): the gateway sends it when the person pauses, so
+    the transcript it may answer is decoded while the pause is still being
+    confirmed, and if speech resumes the same job simply goes on. Kinds that
+    produce results from each input anyway (TTS, vision, LLM) ignore it.
+    """
+
+    type: Literal["job.flush"] = "job.flush"
+    job_id: JobId
+
+
 class JobEnd(_Message):
     """The client has sent all input of the job."""
 
@@ -182,14 +197,14 @@ class LoadReport(_Message):
 
 
 Message = Annotated[
-    Union[Hello, Auth, AuthOk, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport],
+    Union[Hello, Auth, AuthOk, JobStart, JobText, JobFlush, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport],
     Field(discriminator="type"),
 ]
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, Auth, AuthOk, JobStart, JobText, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport)
+    for cls in (Hello, Auth, AuthOk, JobStart, JobText, JobFlush, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport)
 }
 
 SENT_BY_WORKER = frozenset({Hello, AuthOk, JobResult, JobDone, Error, LoadReport})
-SENT_BY_CLIENT = frozenset({Auth, JobStart, JobText, JobEnd, JobCancel, Error, LoadRequest})
+SENT_BY_CLIENT = frozenset({Auth, JobStart, JobText, JobFlush, JobEnd, JobCancel, Error, LoadRequest})
