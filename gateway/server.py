@@ -61,6 +61,18 @@ TOKEN_CHECK_INTERVAL_S = 1.0
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
+CLOSE_STEP_S = 10.0
+"""How long each step of stopping the gateway may take."""
+
+
+async def _bounded(what: str, awaitable) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_STEP_S):
+            await awaitable
+    except TimeoutError:
+        log.warning("stopping: %s took more than %g s; going on without it", what, CLOSE_STEP_S)
+
+
 class ExposureError(ValueError):
     """The gateway would listen beyond this box with nothing to keep strangers out."""
 
@@ -119,17 +131,23 @@ class Gateway:
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop: every session ends, then the signaling server, discovery and the worker links.
+
+        Each step is bounded (``CLOSE_STEP_S``): a step that does not finish
+        is logged and left behind, so a stop always ends (SIGTERM, tests).
+        """
         self._closing = True  # sessions end with "shutting_down", not "connection_failed"
         if self._token_watch is not None:
             self._token_watch.cancel()
-        for session in list(self.sessions.values()):
-            await session.close()
+        sessions = list(self.sessions.values())
+        if sessions:
+            await _bounded("closing the sessions", asyncio.gather(*(s.close() for s in sessions), return_exceptions=True))
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            await _bounded("closing the signaling server", self._server.wait_closed())
         if self.discovery is not None:
-            await self.discovery.close()
-        await self.pool.close()
+            await _bounded("stopping discovery", self.discovery.close())
+        await _bounded("closing the worker links", self.pool.close())
 
     # -- HTTP -------------------------------------------------------------------------
 

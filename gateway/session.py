@@ -32,6 +32,8 @@ from .worker_pool import WorkerPool
 log = logging.getLogger("edgestream.gateway")
 
 MAX_PENDING_EVENTS = 256
+PC_CLOSE_S = 5.0
+"""How long closing the peer connection may take before the session is let go."""
 CLIENT_MESSAGES_PER_S = 10
 CLIENT_MESSAGE_BURST = 20
 """A client may send this many messages on the events channel at once, then ``CLIENT_MESSAGES_PER_S``."""
@@ -178,7 +180,8 @@ class Session:
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):
-            await self.pc.close()
+            async with asyncio.timeout(PC_CLOSE_S):  # aiortc's close waits on its transports
+                await self.pc.close()
         self.answer_track.stop()
         self.closed.set()
         if self._tasks:

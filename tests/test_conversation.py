@@ -382,6 +382,29 @@ def test_barge_in_stops_playback_cancels_the_answer_and_remembers_what_was_heard
     assert [c.job.kind for c in talk.of(cmd.StartJob, out)] == [STT]
 
 
+def test_barge_in_while_the_answer_is_still_generated_cancels_the_llm_job_too():
+    talk = Talk()
+    talk.speak()
+    talk.pause()
+    talk(Transcript(talk.start(STT), "Tell me a story", flushed=True))
+    llm = talk.start(LLM)
+    talk.end()
+    talk.tokens(" Once", " upon", " a", " time", " there")
+    tts = talk.start(TTS)
+    talk(Speech(tts, pcm(100), 22050))
+    talk(Playing(1, 0, talk.now))  # the first piece plays; tokens still come
+    talk.new()
+    talk(SpeechStarted(pcm(), talk.stream_s), after_s=0.1)
+    out = talk.new()
+    assert out[0] == cmd.StopPlayback()
+    assert cmd.CancelJob(llm) in out and cmd.CancelJob(tts) in out
+    (done,) = talk.events(AnswerDone, out)
+    assert done.interrupted and done.text == " Once upon a time there"
+    assert talk.conversation.history.messages[-1].content == "Once upon a time ..."
+    talk(Token(llm, " lived"))  # a token already on the wire when the job was cancelled
+    assert not talk.events(AnswerToken, talk.new())
+
+
 def test_an_answer_that_played_out_is_not_interrupted_by_the_next_turn():
     talk = Talk()
     answered_turn(talk)

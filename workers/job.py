@@ -19,8 +19,10 @@ import numpy as np
 from stream.protocol import ErrorCode, MediaFormat, MediaFrame, ProtocolError
 
 INPUT_QUEUE_ITEMS = 256
-"""Inputs buffered per job (5 s of 20 ms audio frames). When full, the socket
-reader waits: the sender is slowed by TCP backpressure, nothing is dropped."""
+"""Inputs buffered per job (5 s of 20 ms audio frames, 8 s of the gateway's 32 ms
+chunks; about 2 MB at most). A job that falls this far behind is refused with
+``busy`` (its client asks again, elsewhere or later, and replays what it sent):
+the connection's reader never waits on one job, so the others go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class Job:
     stats: dict[str, float] = field(default_factory=dict)
     trace: str | None = None
     """What the job is part of (the gateway's turn id), for log lines about it outside its task."""
+    waiting: bool = True
+    """Admitted and counted as waiting for a slot (``WorkerServer.admit``), until it runs or ends."""
 
     @property
     def cancelled(self) -> bool:

@@ -60,6 +60,8 @@ from .service_rate import ServiceRate
 
 log = logging.getLogger("edgestream.worker")
 
+CLOSE_S = 15.0
+"""How long closing the server may wait for its connections (the closing handshake takes up to 10 s)."""
 AUTH_TIMEOUT_S = 10.0
 """A client of a worker with a key must prove it within this, or is disconnected."""
 
@@ -123,9 +125,14 @@ class WorkerServer:
         return bound
 
     async def close(self) -> None:
+        """Stop listening and close every connection (their jobs are abandoned), within ``CLOSE_S``."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            try:
+                async with asyncio.timeout(CLOSE_S):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                log.warning("%s: connections still open %g s after close; going on without them", self.worker_id, CLOSE_S)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -180,6 +187,20 @@ class WorkerServer:
     def admits_another(self) -> bool:
         return self.running + self.queued < self.capacity + self.max_queue
 
+    def unqueue(self, job: Job) -> None:
+        """The admitted ``job`` no longer waits (it runs, or it is over); safe to call twice."""
+        if job.waiting:
+            job.waiting = False
+            self.queued -= 1
+
+    def admit(self) -> bool:
+        """Take one more job if it fits (``capacity`` running plus ``max_queue`` waiting), counted at once
+        as waiting: two ``job.start`` in a row can never both take the last place."""
+        if not self.admits_another():
+            return False
+        self.queued += 1
+        return True
+
     async def _handle(self, websocket: ServerConnection) -> None:
         session = WorkerSession(self, websocket)
         self.sessions.add(session)
@@ -189,14 +210,11 @@ class WorkerServer:
             self.sessions.discard(session)
 
     async def run_job(self, job: Job) -> None:
-        """Wait for a slot, run the job on the engine, account for it."""
-        self.queued += 1
-        waiting = True
+        """Wait for a slot, run the job on the engine, account for it (the job was :meth:`admit`-ted)."""
         since = time.perf_counter()
         try:
             async with self._slots:
-                self.queued -= 1
-                waiting = False
+                self.unqueue(job)
                 job.stats["queued_s"] = round(time.perf_counter() - since, 4)
                 self.metrics.queued_seconds.observe(job.stats["queued_s"])
                 self.running += 1
@@ -206,8 +224,7 @@ class WorkerServer:
                     self.running -= 1
             self.jobs_completed += 1
         finally:
-            if waiting:
-                self.queued -= 1
+            self.unqueue(job)
             if job.work_units > 0:  # a cancelled job did work too (an STT job after its flush)
                 self.rate.observe(job.work_units, job.compute_s)
                 self.metrics.compute_seconds.observe(job.compute_s)
@@ -296,23 +313,25 @@ class WorkerSession:
 
     def _start(self, message: JobStart) -> None:
         job_id = message.job_id
-        if not self.server.admits_another():
-            raise ProtocolError(
-                ErrorCode.BUSY,
-                f"worker at capacity ({self.server.running} running, {self.server.queued} queued)",
-                job_id,
-            )
         try:
             params = PARAMS_BY_KIND[self.server.kind].model_validate(message.params)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "params"
             raise ProtocolError(ErrorCode.BAD_PARAMS, f"params.{where}: {first['msg']}", job_id) from None
+        if not self.server.admit():
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"worker at capacity ({self.server.running} running, {self.server.queued} queued)",
+                job_id,
+            )
         first_output = self._first_output_timer()
         job = Job(job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output), trace=message.trace)
         # The job's task, and so every log line about it, carries the gateway's turn id.
         with logs.bound(turn=message.trace, job=f"{self.server.kind.value}/{job_id}"):
             task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
+            # A task cancelled before it ever ran never enters run_job: give its place back here.
+            task.add_done_callback(lambda _: self.server.unqueue(job))
             log.info("%s %s: job %d started", self.server.worker_id, self.peer, job_id)
         self.jobs[job_id] = (job, task)
 
@@ -339,9 +358,16 @@ class WorkerSession:
 
     async def _feed(self, job_id: int, item: TextInput | FlushInput | MediaFrame | None) -> None:
         entry = self.jobs.get(job_id)
-        if entry is not None:
-            # Waits when the job's input queue is full: backpressure, never a drop.
-            await entry[0].inputs.put(item)
+        if entry is None:
+            return
+        try:
+            entry[0].inputs.put_nowait(item)
+        except asyncio.QueueFull:
+            # Never wait here: this loop reads every job's messages, and one job
+            # that does not keep up must not stop the others (or its own job.end).
+            raise ProtocolError(
+                ErrorCode.BUSY, f"the job fell {entry[0].inputs.maxsize} inputs behind; the worker is not keeping up", job_id
+            ) from None
 
     async def _cancel(self, job_id: int) -> None:
         """Stop the job, wait for it to unwind (at its next await), then confirm."""

@@ -42,6 +42,8 @@ FRAMES_PER_SECOND = 100  # Whisper's log-mel hop is 10 ms
 SHORT_WINDOWS_S = (4, 8, 15)
 """Encoder windows tried before the full 30 s one; each fits a shorter utterance."""
 WINDOW_MARGIN_S = 0.3
+MAX_WORDS_PER_S = 5.0
+"""Faster than anyone speaks: a transcript with more words is a decoding loop."""
 PARTIAL_DUTY = 1 / 3
 """At most this share of one decode thread goes to a job's partial transcripts."""
 
@@ -151,7 +153,12 @@ class SttEngine(Engine):
         tokens, looped = cut_loop(tokens)
         if not looped and len(result.sequences_ids[0]) >= max_new_tokens:
             return self._transcribe_full(audio, language)  # ran away: the slow, robust path
-        return tokenizer.decode(tokens).strip()
+        text = tokenizer.decode(tokens).strip()
+        if len(text.split()) > MAX_WORDS_PER_S * duration + 2:
+            # More words than anyone says in that time: a loop that cut_loop could not see
+            # (its copies differ, "basket. ... basket?"). The slow, robust path.
+            return self._transcribe_full(audio, language)
+        return text
 
     def _transcribe_full(self, audio: np.ndarray, language: str) -> str:
         segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False)
