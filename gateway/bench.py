@@ -79,8 +79,8 @@ QUESTIONS = [
 
 PAUSED = {2: 4, 6: 3, 10: 4, 14: 3}
 """Questions (by index) spoken with a pause after this many words."""
-PAUSE_S = 0.26
-"""Longer than ``speculate_after_ms`` (128), shorter than ``end_silence_ms`` (320)."""
+PAUSE_S = 0.2
+"""Longer than ``speculate_after_ms`` (128), shorter than ``end_silence_ms`` (320) with the VAD's own lag."""
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,9 @@ class System:
 
 
 @contextlib.asynccontextmanager
-async def running_system(config: Config, slow: SlowBox, tree: Path | None, first_piece_words: int | None) -> AsyncIterator[System]:
+async def running_system(
+    config: Config, slow: SlowBox, tree: Path | None, first_piece_words: int | None, logs: Path | None = None
+) -> AsyncIterator[System]:
     """The gateway and one worker of each kind as processes, ready; stopped (SIGTERM) on the way out."""
     ports = {kind: free_port() for kind in WorkerKind}
     gateway_port = free_port()
@@ -251,9 +253,10 @@ async def running_system(config: Config, slow: SlowBox, tree: Path | None, first
         path.write_text("".join(lines))
         try:
             for name, args in [("gateway", ["gateway"]), *((kind.value, ["worker", kind.value]) for kind in WorkerKind)]:
+                output = open(logs / f"{name}.log", "ab") if logs is not None else asyncio.subprocess.DEVNULL  # noqa: SIM115
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "stream", *args, "--config", str(path),
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env, cwd=cwd,
+                    stdout=output, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd,
                 )
                 processes.append(process)
                 slow.confine(name, process.pid)
@@ -329,41 +332,53 @@ async def idle_floors(system: System, speech: np.ndarray, reps: int = 3) -> dict
 # -- asking ------------------------------------------------------------------------------------------
 
 
-async def speak_turn(session: GatewaySession, speech: np.ndarray, number: int) -> tuple[float, dict[str, Any]]:
-    """Ask ``speech`` (16 kHz) as turn ``number``; (client-measured voice-to-voice ms, the turn's latency event),
-    once the answer has played."""
-    start_index = len(session.events)
+async def speak_turn(session: GatewaySession, speech: np.ndarray) -> tuple[float, dict[str, Any], int]:
+    """Ask ``speech`` (16 kHz); (client-measured voice-to-voice ms, the answered turn's latency event, the
+    number of turns the gateway heard in it), once the answer has played.
+
+    A question the gateway heard as two turns (the person paused too long) is
+    answered in the last one: its answer is the one measured.
+    """
+    first = start_index = len(session.events)
     pad = np.zeros(4800, np.int16)  # 0.3 s of silence before the question
     speech_end = await session.say(np.concatenate([pad, speech]), 16_000)
     silence = asyncio.ensure_future(session.say(np.zeros(16_000 * 2, np.int16), 16_000))  # the person waits
     try:
-        latency = await session.wait_event("latency", timeout=TURN_TIMEOUT_S, after=start_index, turn=number)
-        heard = None
-        async with asyncio.timeout(10):
-            while (heard := session.first_audible(after=speech_end)) is None:
-                await asyncio.sleep(0.02)
-        await session.wait_event("answer.done", timeout=TURN_TIMEOUT_S, after=start_index, turn=number)
+        async with asyncio.timeout(TURN_TIMEOUT_S):
+            while True:
+                done = await session.wait_event("answer.done", timeout=TURN_TIMEOUT_S, after=start_index)
+                start_index = session.events.index(done) + 1
+                if not done["interrupted"]:
+                    break
+        number = done["turn"]
+        latency = await session.wait_event("latency", timeout=TURN_TIMEOUT_S, turn=number)
+        heard = session.first_audible(after=speech_end)
+        if heard is None:
+            raise RuntimeError(f"turn {number} was answered but nothing audible arrived")
         await silence
     finally:
         silence.cancel()
-    return (heard - speech_end) * 1000, latency
+    turns = len({e["turn"] for e in session.events[first:] if e["type"] == "transcript.final"})
+    return (heard - speech_end) * 1000, latency, turns
 
 
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
 
-def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: list[dict[str, Any]], number: int) -> dict[str, Any]:
+def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: list[dict[str, Any]], turns: int) -> dict[str, Any]:
     import jiwer
 
-    transcript = next((e["text"] for e in events if e["type"] == "transcript.final" and e.get("turn") == number), "")
+    number = latency["turn"]
+    heard = [e for e in events if e["type"] == "transcript.final" and number - turns < e.get("turn", 0) <= number]
+    transcript = " ".join(e["text"] for e in heard)
     answer = next((e["text"] for e in events if e["type"] == "answer.done" and e.get("turn") == number), "")
     reference = " ".join(_words(question.text))
     errors = jiwer.process_words(reference, " ".join(_words(transcript)) or "<empty>")
     row = {
         "question": question.text, "voice": str(question.voice), "paused": question.paused,
         "voice_to_voice_ms": round(v2v_ms, 1), **{s: latency.get(s) for s in STAGES},
-        "transcript": transcript, "word_errors": errors.substitutions + errors.deletions + errors.insertions,
+        "transcript": transcript, "turns_heard": turns, "word_errors": errors.substitutions + errors.deletions + errors.insertions,
         "words": len(reference.split()), "answer": answer, "workers": latency.get("workers", {}),
     }
     if latency.get("first_audio_sent") is not None and latency.get("first_token") is not None:
@@ -377,9 +392,9 @@ async def ask_fresh(url: str, questions: list[Spoken]) -> list[dict[str, Any]]:
     for index, question in enumerate([questions[0], *questions]):
         session = await GatewaySession.connect(url, loopback_ice=True)
         try:
-            v2v, latency = await speak_turn(session, question.samples, 1)
+            v2v, latency, turns = await speak_turn(session, question.samples)
             if index:
-                rows.append(_turn_row(question, v2v, latency, session.events, 1))
+                rows.append(_turn_row(question, v2v, latency, session.events, turns))
                 _print_turn(len(rows), rows[-1])
         finally:
             await session.close()
@@ -393,9 +408,9 @@ async def ask_conversation(url: str, questions: list[Spoken], turns: int) -> lis
     try:
         for number in range(1, turns + 2):
             question = questions[(number - 1) % len(questions)]
-            v2v, latency = await speak_turn(session, question.samples, number)
+            v2v, latency, turns = await speak_turn(session, question.samples)
             if number > 1:
-                rows.append(_turn_row(question, v2v, latency, session.events, number))
+                rows.append(_turn_row(question, v2v, latency, session.events, turns))
                 _print_turn(len(rows), rows[-1])
             await asyncio.sleep(THINK_S)
     finally:
@@ -427,6 +442,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "stage_medians_ms": medians,
         "first_audio_after_first_token_p50_ms": round(statistics.median(after_token), 1) if after_token else None,
         "word_error_rate": round(sum(r["word_errors"] for r in rows) / max(1, sum(r["words"] for r in rows)), 3),
+        "questions_heard_as_two_turns": sum(r["turns_heard"] > 1 for r in rows),
     }
 
 
@@ -444,6 +460,7 @@ async def run_voice_bench(
     slowdown: dict[str, float] | None = None,
     tree: Path | None = None,
     first_piece_words: int | None = None,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     from workers.bench import _machine
 
@@ -460,7 +477,9 @@ async def run_voice_bench(
     }
     for run in range(runs):
         print(f"run {run + 1}/{runs}" + (f" ({box['emulated']})" if slowdown else ""), flush=True)
-        async with running_system(config, slow, tree, first_piece_words) as system:
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+        async with running_system(config, slow, tree, first_piece_words, logs) as system:
             floors = await idle_floors(system, questions[0].samples)
             print("  idle floors: " + ", ".join(f"{k} {v}" for k, v in floors.items()), flush=True)
             record: dict[str, Any] = {"idle_floors": floors}

@@ -65,9 +65,9 @@ async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
         try:
             session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
             speech = resample(question, rate, 16_000)
-            await speak_turn(session, speech, 1)  # warm-up
-            for number in range(2, turns + 2):
-                heard_ms, latency = await speak_turn(session, speech, number)
+            await speak_turn(session, speech)  # warm-up
+            for _ in range(turns):
+                heard_ms, latency, _ = await speak_turn(session, speech)
                 marks = {stage: latency[stage] for stage in STAGES}
                 rows.append({**marks, "heard_ms": heard_ms, "overhead_ms": marks["first_audio_sent"] - marks["end_of_turn"]})
             await session.close()

@@ -131,6 +131,9 @@ class WorkerJob:
         try:
             async with self.pool.lease(start.placement, model=start.model, exclude=start.exclude) as lease:
                 self.worker = lease.worker_id
+                if getattr(start.params, "prefill", False) and lease.jobs_on_worker > lease.capacity - 1:
+                    # A prefill is a head start, not worth the worker's last free slot.
+                    raise JobError(ErrorCode.BUSY, f"{lease.worker_id} has no slot to spare for a prefill")
                 try:
                     await self._exchange(lease)
                 except asyncio.CancelledError:
@@ -147,6 +150,7 @@ class WorkerJob:
         sender: asyncio.Task[None] | None = None
         try:
             self._report(JobStarted(self.ref, lease.worker_id, lease.model))
+            await self._send_queued(handle)  # what came with the start goes at once, not a task switch later
             sender = asyncio.create_task(self._send_inputs(handle))
             while (event := await self._next(handle, lease)) is not None:
                 self._deliver(event, lease)
@@ -190,18 +194,22 @@ class WorkerJob:
         return due
 
     async def _send_inputs(self, handle: JobHandle) -> None:
-        """Send the outbox in order; a lost link shows in the job's events, not here."""
+        """Send the outbox in order as inputs come; a lost link shows in the job's events, not here."""
         try:
             while True:
                 while not self._outbox:
                     self._queued.clear()
                     await self._queued.wait()
-                command = self._outbox.popleft()
-                await self._send(handle, command)
-                if owes_after(self.ref.kind, command):
-                    self._owe()
+                await self._send_queued(handle)
         except JobError:
             pass
+
+    async def _send_queued(self, handle: JobHandle) -> None:
+        while self._outbox:
+            command = self._outbox.popleft()
+            await self._send(handle, command)
+            if owes_after(self.ref.kind, command):
+                self._owe()
 
     async def _send(self, handle: JobHandle, command: cmd.JobCommand) -> None:
         if isinstance(command, cmd.SendAudio):

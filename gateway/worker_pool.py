@@ -191,6 +191,15 @@ class Lease:
         member.estimate.jobs += 1
         self._open = True
 
+    @property
+    def jobs_on_worker(self) -> int:
+        """This gateway's jobs on the worker, this one included."""
+        return len(self.member.estimate.in_flight)
+
+    @property
+    def capacity(self) -> int:
+        return self.member.estimate.capacity
+
     async def __aenter__(self) -> Lease:
         return self
 

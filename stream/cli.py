@@ -342,6 +342,7 @@ def bench_voice(
     ] = None,
     first_piece_words: Annotated[Optional[int], typer.Option(help="Override [gateway] first_piece_words.")] = None,
     tree: Annotated[Optional[Path], typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
+    logs: Annotated[Optional[Path], typer.Option(help="Directory for the gateway's and workers' output.")] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
     config: ConfigOption = None,
 ) -> None:
@@ -365,7 +366,7 @@ def bench_voice(
             raise typer.Exit(2)
     try:
         asyncio.run(run_voice_bench(
-            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words
+            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words, logs=logs
         ))
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)

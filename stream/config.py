@@ -126,6 +126,9 @@ class GatewaySettings(_Section):
     """Silence after which the answer is prepared speculatively (held back until the
     end of the turn is confirmed, dropped if speech resumes); 0 turns this off."""
     max_answer_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
+    prefill_while_speaking: bool = True
+    """Have the LLM worker evaluate the question from its partial transcripts while it is
+    spoken, so the answer's first token waits only for the last words."""
     first_piece_words: Annotated[int, Field(ge=1, le=64)] = 4
     """The first piece of an answer's speech ends at the first punctuation or after this
     many words, whichever comes first (``stream/clauses.py``): speech starts after a handful of tokens."""

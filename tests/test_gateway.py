@@ -274,3 +274,31 @@ async def test_camera_is_sampled_on_an_interval_when_configured(workers):
         await session.close()
     finally:
         await gateway.close()
+
+
+async def test_three_people_speaking_at_once_on_two_stt_slots_are_all_answered(start_worker, workers, speak):
+    """The third speaker's STT job is refused as busy: it waits, asks again, its audio is replayed, and it
+    is answered; no session goes deaf (issue: "three people speaking at once make one session deaf")."""
+    _, urls = workers
+    _, stt_url = await start_worker(WorkerKind.STT, capacity=2)
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), {**urls, WorkerKind.STT: [stt_url]})
+    port = await gateway.start("127.0.0.1", 0)
+    sessions = []
+    try:
+        await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
+        questions = ["Please turn on the kitchen lights.", "What is the weather like in Paris today?", "My favorite color is green."]
+        sessions = [await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True) for _ in questions]
+        await asyncio.gather(*(s.say(with_silence(speak(q), after_s=1.0), 16000) for s, q in zip(sessions, questions)))
+        finals = await asyncio.gather(*(s.wait_event("transcript.final", timeout=60) for s in sessions))
+        for question, final in zip(questions, finals):
+            assert word_error_rate(question, final["text"]) <= 0.5, (question, final)
+        done = await asyncio.gather(*(s.wait_event("answer.done", timeout=90) for s in sessions))
+        assert all(d["text"].strip() for d in done)
+        assert not any(e["type"] == "error" and e["code"] != "answer_truncated" for s in sessions for e in s.events)
+        # Still hearing: a second round on the same sessions.
+        await asyncio.gather(*(s.say(with_silence(speak("Thank you.")), 16000) for s in sessions))
+        await asyncio.gather(*(s.wait_event("transcript.final", timeout=60, turn=2) for s in sessions))
+    finally:
+        for session in sessions:
+            await session.close()
+        await gateway.close()

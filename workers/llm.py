@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,10 @@ CHATML_TEMPLATE = (
 _DONE = object()
 PREFILL_CHUNK = 64
 """Tokens evaluated between checks for cancel while prefilling."""
+PREFILL_WAIT_S = 0.3
+"""How long a request waits for an instance still prefilling its beginning."""
+PREFILL_WORTH_WAITING = 4
+"""Tokens more than the best free instance holds that make that wait worth it."""
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -99,6 +104,9 @@ class LlmEngine(Engine):
             llm.eval(self._prompt.tokens([self.system], add_generation_prompt=False))
         self._free: list[Llama] = list(self._instances)
         self._freed: asyncio.Event | None = None
+        self._threads: set[threading.Thread] = set()
+        self._filling: dict[int, list[int]] = {}
+        """Tokens being prefilled, by prefill job: their instances will hold them soon."""
 
     @property
     def idle_instances(self) -> int:
@@ -109,16 +117,28 @@ class LlmEngine(Engine):
         """The free instance whose cache shares the longest prefix with ``prompt``.
 
         A conversation's next prompt extends its last one, so the instance that
-        answered the last turn re-evaluates only the new tokens.
+        answered the last turn re-evaluates only the new tokens. An instance
+        still prefilling this prompt's beginning (the question while it was
+        being spoken) is waited for, up to ``PREFILL_WAIT_S``, rather than
+        evaluating it all again on another.
         """
         if self._freed is None:
             self._freed = asyncio.Event()
-        while not self._free:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + PREFILL_WAIT_S
+        while True:
+            best = max(self._free, key=lambda llm: cached_prefix(llm, prompt), default=None)
+            have = cached_prefix(best, prompt) if best is not None else 0
+            filling = max((common_prefix(tokens, prompt) for tokens in self._filling.values()), default=0)
+            if best is not None and (filling < have + PREFILL_WORTH_WAITING or loop.time() >= give_up_at):
+                self._free.remove(best)
+                return best
             self._freed.clear()
-            await self._freed.wait()
-        best = max(self._free, key=lambda llm: cached_prefix(llm, prompt))
-        self._free.remove(best)
-        return best
+            if best is None:
+                await self._freed.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), max(0.0, give_up_at - loop.time()))
 
     def _release(self, llm: Llama) -> None:
         self._free.append(llm)
@@ -191,7 +211,7 @@ class LlmEngine(Engine):
             target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
         )
         started = time.perf_counter()
-        thread.start()
+        self._start_thread(thread)
         tokens = 0
         while (item := await pieces.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -254,6 +274,7 @@ class LlmEngine(Engine):
         llm = await self._acquire(tokens)
         reused = cached_prefix(llm, tokens)
         done = loop.create_future()
+        self._filling[job.job_id] = tokens
 
         def evaluate() -> None:
             try:
@@ -269,14 +290,35 @@ class LlmEngine(Engine):
                 loop.call_soon_threadsafe(self._release, llm)
 
         started = time.perf_counter()
-        threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True).start()
-        await done
+        self._start_thread(threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True))
+        try:
+            await done
+        finally:
+            self._filling.pop(job.job_id, None)
         job.count(0, time.perf_counter() - started)
         job.stats.update(prompt_tokens=len(tokens), prompt_tokens_reused=reused, prefilled=len(tokens) - reused)
 
+    def _start_thread(self, thread: threading.Thread) -> None:
+        """Start a thread that uses an instance; :meth:`close` waits for it (freeing a model under it crashes)."""
+        self._threads = {t for t in self._threads if t.is_alive()}
+        self._threads.add(thread)
+        thread.start()
+
     def close(self) -> None:
+        # A cancelled job's thread stops at its next token or chunk: wait for it before freeing the model.
+        for thread in list(self._threads):
+            thread.join(timeout=10)
         for llm in self._instances:
             llm.close()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    same = np.asarray(a[:n]) == np.asarray(b[:n])
+    return n if same.all() else int(np.argmin(same))
 
 
 def cached_prefix(llm: Llama, prompt: list[int]) -> int:

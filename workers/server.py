@@ -353,7 +353,7 @@ class WorkerSession:
             self.jobs.pop(job.job_id, None)
         job.stats.update(compute_s=round(job.compute_s, 4), work=round(job.work_units, 4))
         self.server.metrics.job_ended("complete")
-        log.info("%s %s: job %d complete (%.1f ms compute)", self.server.worker_id, self.peer, job.job_id, job.compute_s * 1000)
+        log.info("%s %s: job %d complete (%.1f ms compute) %s", self.server.worker_id, self.peer, job.job_id, job.compute_s * 1000, job.stats)
         await self._finish(JobDone(job_id=job.job_id, reason="complete", stats=job.stats))
 
     async def _feed(self, job_id: int, item: TextInput | FlushInput | MediaFrame | None) -> None:

@@ -198,8 +198,8 @@ class SttEngine(Engine):
         await job.emit(SttResult(text=text, final=True, audio_s=round(audio_s, 3)).model_dump())
 
     def close(self) -> None:
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._partial_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)  # a decode still running must not lose its model
+        self._partial_pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Utterance:

@@ -149,4 +149,4 @@ class TtsEngine(Engine):
         await job.emit(TtsResult(clause=text.strip(), audio_s=round(seconds, 3), sample_rate=self.sample_rate).model_dump())
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # work still running must not lose its model

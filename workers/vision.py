@@ -109,7 +109,7 @@ class VisionEngine(Engine):
         await job.emit(result.model_dump())
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)  # work still running must not lose its model
 
 
 class Describer:

@@ -104,6 +104,8 @@ class ConversationSettings:
     vision_interval_s: float = 0.0
     vision_wait_s: float = 3.0
     """How long an answer waits for the camera's text before it starts without it."""
+    prefill_while_speaking: bool = True
+    """Have the LLM evaluate the question from its partial transcripts while it is spoken."""
     max_utterance_s: float = 30.0
     language: str = "en"
 
@@ -117,6 +119,7 @@ class ConversationSettings:
             vision_on_turn=settings.vision_on_turn,
             vision_interval_s=settings.vision_interval_s,
             max_utterance_s=settings.max_utterance_s,
+            prefill_while_speaking=settings.prefill_while_speaking,
         )
 
 
@@ -246,6 +249,8 @@ class Conversation:
         """Jobs refused as busy, waiting to ask again."""
         self._look: _Work | None = None
         """The periodic look at the camera in flight."""
+        self._prefilling: _Work | None = None
+        """The prefill in flight (``LlmParams.prefill``): of the question being spoken, or of a trimmed history."""
         self._camera_at: float | None = None
         self._serials = itertools.count(1)
         self._out: list[Command] = []
@@ -302,10 +307,11 @@ class Conversation:
     # -- the person -------------------------------------------------------------------
 
     def _speech_started(self, event: SpeechStarted) -> None:
+        carried = ""
         if self.answer is not None and self.answer.confirmed and not self.answer.over:
-            self._barge_in(self.answer)
+            carried = self._barge_in(self.answer)
         self.turns += 1
-        turn = _Turn(self.turns, logs.turn_label(self.session_id, self.turns))
+        turn = _Turn(self.turns, logs.turn_label(self.session_id, self.turns), earlier=carried)
         if self._unresolved is not None:
             self._unresolved.superseded_by = turn
         self.current = self._last_turn = turn
@@ -414,6 +420,7 @@ class Conversation:
         if not (event.final or event.flushed):
             if not turn.ended and turn.transcript is None:
                 self._out.append(cmd.Emit(TranscriptPartial(turn=turn.number, text=event.text)))
+                self._prefill_question(turn, event.text)
             return
         if event.flushed:
             turn.flushes_answered += 1
@@ -481,6 +488,8 @@ class Conversation:
             self.warm_llm = work.worker
         if work is self._look:
             self._look = None
+        if work is self._prefilling:
+            self._prefilling = None
         if isinstance(work.owner, _Turn) and work.kind is WorkerKind.VISION:
             self._vision_done(work.owner)
         elif isinstance(work.owner, _Answer):
@@ -496,8 +505,12 @@ class Conversation:
         if work is None:
             return
         work.ref = None
-        if event.worker is not None:
+        if event.worker is not None and event.code != failover.BUSY:  # a full worker is asked again
             work.tried.add(event.worker)
+        if work is self._prefilling:  # only a head start: not worth waiting or moving for
+            self._prefilling = None
+            log.info("prefill for turn %s dropped: %s: %s", work.trace, event.code, event.message)
+            return
         if event.code == failover.BUSY:
             if work.busy_since is None:
                 work.busy_since = self._now
@@ -767,18 +780,28 @@ class Conversation:
         if self.answer is answer:
             self.answer = None
 
-    def _barge_in(self, answer: _Answer) -> None:
-        """The person spoke over the answer: stop it, and remember what they heard of it."""
+    def _barge_in(self, answer: _Answer) -> str:
+        """The person spoke over the answer: stop it, and remember what they heard of it.
+
+        If they heard nothing of it yet (a pause just past the end of the turn,
+        then more words), they were not interrupting but going on: the answer
+        is dropped, and what they said is asked again with what follows.
+        Returns that, or ``""``.
+        """
         self._out.append(cmd.StopPlayback())
         self._cancel(answer.llm)
         self._cancel(answer.tts)
         answer.over = True
         self.answer = None
+        number = answer.turn.number
+        if not answer.speechless and answer.pieces_started == 0:
+            log.info("turn %s: the person went on before its answer was heard; it is asked with the next turn", answer.turn.id)
+            self._out += [cmd.Emit(AnswerDone(turn=number, text=answer.text, interrupted=True)), cmd.CountTurn("merged")]
+            return (answer.turn.earlier + " " + (answer.turn.transcript or "")).strip()
         if answer.speechless:
             heard = answer.text
         else:
             heard = " ".join(answer.pieces[: answer.pieces_started])
-        number = answer.turn.number
         log.info("turn %s: answer interrupted after %d tokens, %d pieces heard", answer.turn.id, answer.tokens, answer.pieces_started)
         self._remember(answer.question, (heard + " ...") if heard else "...")
         self._out += [
@@ -786,6 +809,7 @@ class Conversation:
             cmd.Emit(AnswerDone(turn=number, text=answer.text, interrupted=True)),
             cmd.CountTurn("interrupted"),
         ]
+        return ""
 
     def _maybe_over(self, answer: _Answer) -> None:
         """The answer is over once it is confirmed, generated, spoken and played."""
@@ -824,10 +848,31 @@ class Conversation:
     def _remember(self, question: str, answer: str) -> None:
         if self.history.remember(question, answer):
             # The prompt's prefix changed: have it evaluated now, not when the next question waits for it.
-            context = self.history.context()
-            size = job_size(WorkerKind.LLM, prompt_chars=sum(len(m.content) for m in context))
-            params = LlmParams(messages=context, max_tokens=1, prefill=True)
-            self._start(self._work(WorkerKind.LLM, params, Placement(WorkerKind.LLM, size=size), None))
+            self._prefill(self.history.context(), new_chars=sum(len(m.content) for m in self.history.context()))
+
+    def _prefill_question(self, turn: _Turn, partial: str) -> None:
+        """Have the LLM worker evaluate the question as heard so far, while the person still speaks.
+
+        The answer's prompt will extend it (the camera's text comes after the
+        question), so its first token waits only for the last few words.
+        """
+        question = (turn.earlier + " " + partial).strip()
+        if self.settings.prefill_while_speaking and question:
+            self._prefill(self.history.prompt(question), new_chars=len(question) + self.history.new_chars())
+
+    def _prefill(self, messages: list, new_chars: int) -> None:
+        """One prefill at a time per conversation; one asked for while another runs is skipped."""
+        if self._prefilling is not None:
+            return
+        total = sum(len(m.content) for m in messages)
+        placement = Placement(
+            WorkerKind.LLM,
+            size=job_size(WorkerKind.LLM, prompt_chars=total),
+            warm_worker=self.warm_llm,
+            warm_size=job_size(WorkerKind.LLM, prompt_chars=new_chars),
+        )
+        self._prefilling = self._work(WorkerKind.LLM, LlmParams(messages=messages, max_tokens=1, prefill=True), placement, None)
+        self._start(self._prefilling)
 
     _handlers: dict[type, Callable[[Conversation, object], None]] = {
         SpeechStarted: _speech_started,

@@ -2,8 +2,10 @@
 
 The prompt is built so that the LLM worker's cache covers all but the newest
 turn: the system prompt first (each worker instance evaluated it at load),
-then the history, then the question with the camera's text in the user
-message (in the system prompt it would change the prefix every turn).
+then the history, then the question, and the camera's text after it, in the
+user message (in the system prompt it would change the prefix every turn;
+before the question it would spoil the prefix the worker evaluated from the
+partial transcripts while the person spoke).
 
 The history is trimmed in blocks, not one turn at a time: a window sliding by
 one turn would change the prompt right after the system message on every
@@ -20,12 +22,12 @@ from stream.protocol.jobs import ChatMessage, VisionResult
 
 
 def with_camera_context(question: str, seen: VisionResult | None) -> str:
-    """The question as the LLM gets it: what the camera shows, then what was said."""
+    """The question as the LLM gets it: what was said, then what the camera shows."""
     if seen is None or not (seen.text or seen.description):
         return question
-    context = f"(The camera shows: {seen.description}) " if seen.description else ""
-    context += f'(Text visible in the camera: "{seen.text}") ' if seen.text else ""
-    return context + question
+    context = f" (The camera shows: {seen.description})" if seen.description else ""
+    context += f' (Text visible in the camera: "{seen.text}")' if seen.text else ""
+    return question + context
 
 
 class History:
