@@ -144,6 +144,9 @@ class WorkerJob:
             self._report(JobFailed(self.ref, NO_WORKER, str(exc)))
         except JobError as exc:
             self._report(JobFailed(self.ref, exc.code.value, exc.message, self.worker))
+        except Exception as exc:  # a bug here: the conversation must still hear that the job is gone
+            log.exception("%s: the job failed in the gateway", self.ref)
+            self._report(JobFailed(self.ref, ErrorCode.INTERNAL.value, f"gateway error: {type(exc).__name__}: {exc}", self.worker))
 
     async def _exchange(self, lease: Lease) -> None:
         handle = await lease.client.start_job(self.start.params, trace=self.start.trace or None)

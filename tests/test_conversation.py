@@ -218,6 +218,22 @@ def test_the_answer_is_over_when_generated_spoken_and_played():
     assert talk.conversation.history.messages[-1].content == done[0].text
 
 
+def test_an_answer_cut_only_at_its_end_gives_its_tts_job_one_end():
+    """The whole answer is one piece, cut when the LLM finishes: the TTS job starts then, and ends once."""
+    talk = Talk()
+    talk.speak()
+    talk.pause()
+    talk(Transcript(talk.start(STT), "Hi", flushed=True))
+    talk.start(LLM)
+    talk.end()
+    talk.tokens(" Hello")
+    assert not any(c.job.kind is TTS for c in talk.of(cmd.StartJob))
+    talk(JobFinished(talk.job(LLM)))
+    tts = talk.job(TTS)
+    assert [c.text for c in talk.of(cmd.SendText) if c.job == tts] == ["Hello"]
+    assert talk.of(cmd.EndInput).count(cmd.EndInput(tts)) == 1
+
+
 def test_nothing_is_over_while_audio_is_still_queued():
     talk = Talk()
     talk.speak()

@@ -734,11 +734,11 @@ class Conversation:
             self._out.append(cmd.SendText(answer.tts.ref, piece))
 
     def _generated(self, answer: _Answer, truncated: bool) -> None:
-        answer.generated = True
         answer.truncated = truncated
         answer.llm = None
         for piece in answer.chunker.flush():
             self._say(answer, piece)
+        answer.generated = True  # after the last pieces: a TTS job they start gets its end below, once
         if answer.tts is None:
             answer.speech_done = True
         elif answer.tts.ref is not None:
