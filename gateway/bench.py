@@ -185,7 +185,8 @@ def spoken_questions(config: Config) -> list[Spoken]:
 class SlowBox:
     """Worker processes in cgroups with a CPU quota: an emulated slower box (cgroup v2 or v1 ``cpu``)."""
 
-    PERIOD_US = 10_000
+    PERIOD_US = 100_000
+    """CFS bandwidth is handed out in slices of 5 ms: a shorter period would throttle far more than its quota says."""
 
     def __init__(self, factors: dict[str, float]) -> None:
         self.factors = factors
@@ -226,7 +227,12 @@ class System:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    config: Config, slow: SlowBox, tree: Path | None, first_piece_words: int | None, logs: Path | None = None
+    config: Config,
+    slow: SlowBox,
+    tree: Path | None,
+    first_piece_words: int | None,
+    logs: Path | None = None,
+    gateway_options: dict[str, str] | None = None,
 ) -> AsyncIterator[System]:
     """The gateway and one worker of each kind as processes, ready; stopped (SIGTERM) on the way out."""
     ports = {kind: free_port() for kind in WorkerKind}
@@ -242,6 +248,8 @@ async def running_system(
     )
     if first_piece_words is not None:  # only then: a baseline tree may not know the key
         lines.append(f"first_piece_words = {first_piece_words}\n")
+    for key, value in (gateway_options or {}).items():
+        lines.append(f"{key} = {value}\n")
     processes: list[asyncio.subprocess.Process] = []
     env = dict(os.environ)
     cwd = None
@@ -461,6 +469,7 @@ async def run_voice_bench(
     tree: Path | None = None,
     first_piece_words: int | None = None,
     logs: Path | None = None,
+    gateway_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     from workers.bench import _machine
 
@@ -474,12 +483,13 @@ async def run_voice_bench(
         "questions": len(questions), "voices": [str(v) for v in VOICES],
         "end_silence_ms": config.gateway.end_silence_ms, "speculate_after_ms": config.gateway.speculate_after_ms,
         "first_piece_words": first_piece_words,
+        "gateway_options": gateway_options or {},
     }
     for run in range(runs):
         print(f"run {run + 1}/{runs}" + (f" ({box['emulated']})" if slowdown else ""), flush=True)
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)
-        async with running_system(config, slow, tree, first_piece_words, logs) as system:
+        async with running_system(config, slow, tree, first_piece_words, logs, gateway_options) as system:
             floors = await idle_floors(system, questions[0].samples)
             print("  idle floors: " + ", ".join(f"{k} {v}" for k, v in floors.items()), flush=True)
             record: dict[str, Any] = {"idle_floors": floors}

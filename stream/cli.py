@@ -343,6 +343,9 @@ def bench_voice(
     first_piece_words: Annotated[Optional[int], typer.Option(help="Override [gateway] first_piece_words.")] = None,
     tree: Annotated[Optional[Path], typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
     logs: Annotated[Optional[Path], typer.Option(help="Directory for the gateway's and workers' output.")] = None,
+    gateway_option: Annotated[
+        Optional[list[str]], typer.Option("--gateway-option", help="KEY=VALUE for the [gateway] section, as TOML (repeat).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
     config: ConfigOption = None,
 ) -> None:
@@ -366,7 +369,8 @@ def bench_voice(
             raise typer.Exit(2)
     try:
         asyncio.run(run_voice_bench(
-            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words, logs=logs
+            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words, logs=logs,
+            gateway_options=dict(option.split("=", 1) for option in gateway_option or [] if "=" in option),
         ))
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
