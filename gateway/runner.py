@@ -28,7 +28,7 @@ from stream.audio import Resampler
 from stream.config import GatewaySettings
 from stream.protocol import MediaFormat
 
-from .conversation import Conversation, ConversationSettings
+from .conversation import Conversation
 from .conversation import commands as cmd
 from .conversation.inputs import CameraFrame, Input, JobRef, Playing, PlayoutIdle, Tick
 from .events import ErrorEvent, Event
@@ -59,7 +59,7 @@ class ConversationRunner:
         self.session_id = session_id
         self.send = send
         self.latest_frame = latest_frame
-        self.conversation = Conversation(ConversationSettings.from_gateway(settings), session_id)
+        self.conversation = Conversation(settings, session_id)
         self.answer_track = AnswerTrack(
             on_piece_started=lambda turn, piece, at: self.handle(Playing(turn, piece, at)),
             on_idle=lambda turn: self.handle(PlayoutIdle(turn)),

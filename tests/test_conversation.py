@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gateway import failover
-from gateway.conversation import Conversation, ConversationSettings
+from gateway.conversation import Conversation
 from gateway.conversation import commands as cmd
 from gateway.conversation.inputs import (
     NO_WORKER,
@@ -38,6 +38,7 @@ from gateway.conversation.inputs import (
     Transcript,
 )
 from gateway.events import AnswerDone, AnswerToken, BargeIn, ErrorEvent, Latency, TranscriptFinal, TranscriptPartial, VisionText
+from stream.config import GatewaySettings
 from stream.protocol import MediaFormat, WorkerKind
 from stream.protocol.jobs import LlmParams, OcrLine, VisionResult
 
@@ -55,7 +56,7 @@ class Talk:
 
     def __init__(self, **settings: object) -> None:
         defaults = {"vision_on_turn": False}
-        self.conversation = Conversation(ConversationSettings(**{**defaults, **settings}), "s1")
+        self.conversation = Conversation(GatewaySettings(**{**defaults, **settings}), "s1")
         self.now = 100.0
         self.commands: list[cmd.Command] = []
         self.mark = 0
@@ -673,7 +674,7 @@ def test_the_camera_text_is_waited_for_and_goes_into_the_question():
 
 
 def test_a_slow_camera_is_not_waited_for_beyond_vision_wait_s():
-    talk = Talk(vision_on_turn=True, vision_wait_s=3.0)
+    talk = Talk(vision_on_turn=True)  # vision_wait_s: 3 s
     talk.speak()
     talk(CameraFrame(1, b"jpeg"))
     talk.start(VISION)

@@ -9,6 +9,6 @@
 ``gateway/runner.py`` runs it for a session.
 """
 
-from .core import STAGES, Conversation, ConversationSettings
+from .core import STAGES, Conversation
 
-__all__ = ["STAGES", "Conversation", "ConversationSettings"]
+__all__ = ["STAGES", "Conversation"]

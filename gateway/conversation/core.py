@@ -93,34 +93,8 @@ STAGES = ("end_of_turn", "stt_final", "first_token", "first_clause", "first_tts_
 """The latency marks of a turn, in order (ms from the end of speech)."""
 
 
-@dataclass(frozen=True)
-class ConversationSettings:
-    system_prompt: str = GatewaySettings().system_prompt
-    max_history_turns: int = 8
-    max_answer_tokens: int = 96
-    first_piece_words: int = 4
-    """Words after which the first piece of an answer is cut, if no punctuation came first."""
-    vision_on_turn: bool = True
-    vision_interval_s: float = 0.0
-    vision_wait_s: float = 3.0
-    """How long an answer waits for the camera's text before it starts without it."""
-    prefill_while_speaking: bool = True
-    """Have the LLM evaluate the question from its partial transcripts while it is spoken."""
-    max_utterance_s: float = 30.0
-    language: str = "en"
-
-    @classmethod
-    def from_gateway(cls, settings: GatewaySettings) -> ConversationSettings:
-        return cls(
-            system_prompt=settings.system_prompt,
-            max_history_turns=settings.max_history_turns,
-            max_answer_tokens=settings.max_answer_tokens,
-            first_piece_words=settings.first_piece_words,
-            vision_on_turn=settings.vision_on_turn,
-            vision_interval_s=settings.vision_interval_s,
-            max_utterance_s=settings.max_utterance_s,
-            prefill_while_speaking=settings.prefill_while_speaking,
-        )
+VISION_WAIT_S = 3.0
+"""How long an answer waits for the camera's text before it starts without it."""
 
 
 @dataclass(eq=False)
@@ -225,7 +199,7 @@ class _Answer:
 class Conversation:
     """The policy of one session's conversation (see the module docstring)."""
 
-    def __init__(self, settings: ConversationSettings, session_id: str) -> None:
+    def __init__(self, settings: GatewaySettings, session_id: str) -> None:
         self.settings = settings
         self.session_id = session_id
         self.history = History(settings.system_prompt, settings.max_history_turns)
@@ -316,7 +290,7 @@ class Conversation:
             self._unresolved.superseded_by = turn
         self.current = self._last_turn = turn
         turn.audio.append(event.preroll)
-        turn.stt = self._work(WorkerKind.STT, SttParams(language=self.settings.language), Placement(WorkerKind.STT), turn)
+        turn.stt = self._work(WorkerKind.STT, SttParams(), Placement(WorkerKind.STT), turn)
         self._start(turn.stt)
         if self.settings.vision_on_turn:
             self._out.append(cmd.LookAtCamera(turn.number))
@@ -562,7 +536,7 @@ class Conversation:
             self._start(work)
         answer = self.answer
         if answer is not None and answer.waiting_for_vision_until is not None and answer.waiting_for_vision_until <= now:
-            log.info("turn %s: no camera text within %g s; answering without it", answer.turn.id, self.settings.vision_wait_s)
+            log.info("turn %s: no camera text within %g s; answering without it", answer.turn.id, VISION_WAIT_S)
             self._ask(answer)
         if self._camera_at is not None and self._camera_at <= now:
             self._camera_at = now + self.settings.vision_interval_s
@@ -682,7 +656,7 @@ class Conversation:
                 log.info("turn %s: the person went on before it was answered; it is asked with turn %d", turn.id, later.number)
             self._out.append(cmd.CountTurn("merged"))
             return
-        answer = _Answer(turn, SpeechChunker(self.settings.first_piece_words, language=self.settings.language))
+        answer = _Answer(turn, SpeechChunker(self.settings.first_piece_words))
         answer.confirmed = turn.ended
         turn.answer = answer
         self._answer_event(answer, TranscriptFinal(turn=turn.number, text=turn.transcript or ""))
@@ -694,7 +668,7 @@ class Conversation:
         self.answer = answer
         answer.question = text
         if turn.vision is not None:  # its text is on the way
-            answer.waiting_for_vision_until = self._now + self.settings.vision_wait_s
+            answer.waiting_for_vision_until = self._now + VISION_WAIT_S
             return
         self._ask(answer)
 
