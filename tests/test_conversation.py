@@ -127,6 +127,16 @@ class Talk:
         return [c.event for c in self.of(cmd.Emit, commands) if isinstance(c.event, kind)]
 
 
+def asked(talk: Talk, question: str, llm_worker: str = "llm-a") -> JobRef:
+    """A turn up to its answer's LLM job: speech, a pause, its flushed transcript, the end confirmed."""
+    talk.speak()
+    talk.pause()
+    talk(Transcript(talk.start(STT), question, flushed=True))
+    llm = talk.start(LLM, llm_worker)
+    talk.end()
+    return llm
+
+
 def answered_turn(talk: Talk, words: str = "The capital of France is Paris.") -> None:
     """A whole turn: speech, pause, flushed transcript, confirmed end, answer spoken and played."""
     talk.speak()
@@ -222,11 +232,7 @@ def test_the_answer_is_over_when_generated_spoken_and_played():
 def test_an_answer_cut_only_at_its_end_gives_its_tts_job_one_end():
     """The whole answer is one piece, cut when the LLM finishes: the TTS job starts then, and ends once."""
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Hi", flushed=True))
-    talk.start(LLM)
-    talk.end()
+    asked(talk, "Hi")
     talk.tokens(" Hello")
     assert not any(c.job.kind is TTS for c in talk.of(cmd.StartJob))
     talk(JobFinished(talk.job(LLM)))
@@ -426,11 +432,7 @@ def test_barge_in_stops_playback_cancels_the_answer_and_remembers_what_was_heard
 
 def test_barge_in_while_the_answer_is_still_generated_cancels_the_llm_job_too():
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Tell me a story", flushed=True))
-    llm = talk.start(LLM)
-    talk.end()
+    llm = asked(talk, "Tell me a story")
     talk.tokens(" Once", " upon", " a", " time", " there")
     tts = talk.start(TTS)
     talk(Speech(tts, pcm(100), 22050))
@@ -450,11 +452,7 @@ def test_barge_in_while_the_answer_is_still_generated_cancels_the_llm_job_too():
 def test_speech_before_any_of_the_answer_was_heard_goes_on_the_same_question():
     """A pause just past the end of the turn, then more words: no interruption, one question."""
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "What should I pack", flushed=True))
-    llm = talk.start(LLM)
-    talk.end()
+    llm = asked(talk, "What should I pack")
     talk.tokens(" You")
     talk.new()
     talk(SpeechStarted(pcm(), talk.stream_s), after_s=0.1)
@@ -464,8 +462,8 @@ def test_speech_before_any_of_the_answer_was_heard_goes_on_the_same_question():
     assert talk.conversation.history.messages == []  # nothing of it was said
     talk.pause()
     talk(Transcript(talk.start(STT), "for a weekend camping trip?", flushed=True))
-    asked = [c for c in talk.of(cmd.StartJob) if c.job.kind is LLM][-1].params.messages[-1].content
-    assert asked == "What should I pack for a weekend camping trip?"
+    question = [c for c in talk.of(cmd.StartJob) if c.job.kind is LLM][-1].params.messages[-1].content
+    assert question == "What should I pack for a weekend camping trip?"
 
 
 def test_an_answer_that_played_out_is_not_interrupted_by_the_next_turn():
@@ -500,11 +498,7 @@ def test_stt_worker_lost_mid_utterance_replays_everything_heard_elsewhere():
 
 def test_llm_worker_lost_mid_answer_continues_after_the_text_already_sent():
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Tell me a story", flushed=True))
-    llm = talk.start(LLM, "llm-a")
-    talk.end()
+    llm = asked(talk, "Tell me a story", "llm-a")
     talk.tokens(" Once", " upon", " a")
     talk.new()
     talk(JobFailed(llm, "internal", "connection to the worker was lost", "llm-a"))
@@ -517,11 +511,7 @@ def test_llm_worker_lost_mid_answer_continues_after_the_text_already_sent():
 
 def test_tts_worker_lost_mid_piece_resumes_at_that_piece_and_drops_its_queued_part():
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Tell me a story", flushed=True))
-    talk.start(LLM)
-    talk.end()
+    asked(talk, "Tell me a story")
     talk.tokens(" Once", " upon", " a", " time,", " there", " was", " a", " dragon", " who", " lived", " in", " a", " cave.")
     talk(JobFinished(talk.job(LLM)))
     tts = talk.start(TTS, "tts-a")
@@ -639,8 +629,8 @@ def test_history_is_trimmed_in_blocks_and_the_trimmed_prompt_is_prefilled():
     talk.speak()
     talk.pause()
     talk(Transcript(talk.start(STT), "And four?", flushed=True))
-    asked = [c for c in talk.of(cmd.StartJob) if c.job.kind is LLM][-1].params.messages
-    assert asked[: len(prefill.params.messages)] == prefill.params.messages
+    prompt = [c for c in talk.of(cmd.StartJob) if c.job.kind is LLM][-1].params.messages
+    assert prompt[: len(prefill.params.messages)] == prefill.params.messages
 
 
 def test_the_worker_that_answered_last_is_the_warm_one_for_the_next_question():
@@ -669,8 +659,8 @@ def test_the_camera_text_is_waited_for_and_goes_into_the_question():
     talk(JobFinished(vision))
     assert [e.text for e in talk.events(VisionText)] == ["EXIT GATE 7"]
     (llm,) = [c for c in talk.of(cmd.StartJob) if c.job.kind is LLM]
-    asked = llm.params.messages[-1].content
-    assert asked.startswith("What does the sign say?") and "EXIT GATE 7" in asked  # the question first: its prefix was prefilled
+    question = llm.params.messages[-1].content
+    assert question.startswith("What does the sign say?") and "EXIT GATE 7" in question  # the question first: its prefix was prefilled
 
 
 def test_a_slow_camera_is_not_waited_for_beyond_vision_wait_s():
@@ -717,11 +707,7 @@ def test_a_turn_the_person_continued_before_it_was_answered_is_asked_with_the_ne
 
 def test_a_truncated_answer_is_said_so():
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Tell me everything", flushed=True))
-    talk.start(LLM)
-    talk.end()
+    asked(talk, "Tell me everything")
     talk.tokens(" Well")
     talk(JobFinished(talk.job(LLM), {"truncated": 1.0}))
     talk(JobFinished(talk.start(TTS)))
@@ -732,11 +718,7 @@ def test_a_truncated_answer_is_said_so():
 
 def test_without_a_tts_worker_the_answer_is_text_and_the_client_is_told():
     talk = Talk()
-    talk.speak()
-    talk.pause()
-    talk(Transcript(talk.start(STT), "Hello", flushed=True))
-    talk.start(LLM)
-    talk.end()
+    asked(talk, "Hello")
     talk.tokens(" Hi", " there,", " friend.")
     talk(JobFailed(talk.job(TTS), NO_WORKER, "no tts worker is available"))
     talk(JobFinished(talk.job(LLM)))
