@@ -107,8 +107,10 @@ class Watchdog:
         if self._first_owed is None:
             self._first_owed = now
 
-    def progress(self, now: float) -> None:
-        if self._first_owed is not None and self.first_wait_s is None:
+    def progress(self, now: float, *, answers: bool = True) -> None:
+        """Output came. ``answers=False``: it shows the worker is alive but is not what was asked
+        for (a partial transcript after a flush), so it is not the job's latency."""
+        if answers and self._first_owed is not None and self.first_wait_s is None:
             self.first_wait_s = now - self._first_owed
         if self.owed_since is not None:
             self.owed_since = now

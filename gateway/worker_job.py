@@ -248,7 +248,7 @@ class WorkerJob:
         if settles(converted, self._texts_sent, self._texts_spoken):
             self.watchdog.settled(now)
         else:
-            self.watchdog.progress(now)
+            self.watchdog.progress(now, answers=not isinstance(converted, Transcript))
         if waited_before is None and self.watchdog.first_wait_s is not None:
             lease.observe(self.watchdog.first_wait_s)  # the worker's latency, for selection
         self._report(converted)

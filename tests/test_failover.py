@@ -185,6 +185,15 @@ def test_progress_pushes_the_deadline_and_settling_clears_it():
     assert watchdog.due() == 25.0 and watchdog.first_wait_s == 3.0  # the first wait is the worker's latency
 
 
+def test_output_that_is_not_the_answer_keeps_a_job_alive_but_is_not_its_latency():
+    watchdog = failover.Watchdog(deadline_s=5.0)
+    watchdog.owe(10.0)  # a flush: a transcript is owed
+    watchdog.progress(10.01, answers=False)  # a partial that was already being decoded
+    assert watchdog.due() == 15.01 and watchdog.first_wait_s is None
+    watchdog.settled(10.2)  # the flushed transcript
+    assert watchdog.first_wait_s == pytest.approx(0.2)
+
+
 def test_a_slow_worker_is_waited_for_when_the_job_has_nowhere_to_move():
     watchdog = failover.Watchdog(deadline_s=5.0)
     watchdog.owe(0.0)

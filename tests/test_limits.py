@@ -7,6 +7,7 @@ sessions in total and per client in ``test_gateway.py`` and ``test_security.py``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -83,15 +84,21 @@ async def limited_gateway(workers):
 
 async def test_a_long_utterance_is_answered_in_turns_with_a_clear_error(limited_gateway, speak):
     session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
+
+    def finals() -> list[str]:
+        return [e["text"].strip() for e in session.events if e["type"] == "transcript.final"]
+
     try:
         await session.say(with_silence(speak(LONG), after_s=1.0), 16000)
         error = await session.wait_event("error", code="utterance_too_long", timeout=20)
         assert error["turn"] == 1 and "2 s" in error["message"]
-        first = await session.wait_event("transcript.final", turn=1, timeout=20)
-        second = await session.wait_event("transcript.final", turn=2, timeout=20)
-        heard = " ".join(e["text"] for e in session.events if e["type"] == "transcript.final")
-        assert first["text"].strip() and second["text"].strip()
-        assert word_error_rate(LONG, heard) <= 0.4, heard
+        await session.wait_event("transcript.final", turn=2, timeout=20)
+        # Every word is in some turn. (A turn can be a fragment, "-azy dog", that Whisper
+        # hears as nothing; the words are what must not be lost.)
+        with contextlib.suppress(AssertionError):
+            await wait_until(lambda: word_error_rate(LONG, " ".join(finals())) <= 0.4, timeout=20)
+        assert word_error_rate(LONG, " ".join(finals())) <= 0.4, finals()
+        assert len([text for text in finals() if text]) >= 2, finals()
         assert session.connected
     finally:
         await session.close()

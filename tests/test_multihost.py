@@ -191,10 +191,14 @@ async def test_workers_found_by_mdns_near_idle_one_chosen_and_traffic_leaves_a_s
     try:
         turn = 0
         before = []
-        for question in QUESTIONS:
+        for question in [*QUESTIONS, *QUESTIONS[:2]]:
             turn += 1
             before.append((await ask(session, speak, question, turn))["workers"]["stt"])
-        assert Counter(before)[system.worker_id("stt1")] == len(before), before  # the near one, while both are idle
+        # While both are idle: the near one, but for at most one job on the far one while
+        # it is unmeasured (selection assumes a newcomer fast, so that it is measured soon;
+        # on a box where the near one's speech recognition takes longer than that prior
+        # plus the far one's extra round trip, that costs one job).
+        assert Counter(before)[system.worker_id("stt2")] <= 1 and before[-2:] == [system.worker_id("stt1")] * 2, before
 
         # The near box becomes 4x slower: stopped 3/4 of the time.
         throttle = asyncio.create_task(duty_cycle(system.process["stt1"].pid, stopped_s=0.045, running_s=0.015))
