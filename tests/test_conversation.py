@@ -614,7 +614,7 @@ def test_a_worker_that_stays_full_fails_the_turn_after_a_while():
 # -- history ----------------------------------------------------------------------------------
 
 
-def test_history_is_trimmed_in_blocks_and_the_trimmed_prompt_is_prefilled():
+def test_history_is_trimmed_in_blocks_and_the_trimmed_prompt_is_prefilled_while_the_answer_plays():
     talk = Talk(max_history_turns=2)
     answered_turn(talk, "One.")
     answered_turn(talk, "Two.")
@@ -625,6 +625,10 @@ def test_history_is_trimmed_in_blocks_and_the_trimmed_prompt_is_prefilled():
     assert [m.content for m in history] == ["What is the capital of France?", " Three."]
     (prefill,) = [c for c in talk.of(cmd.StartJob, talk.new()) if getattr(c.params, "prefill", False)]
     assert prefill.params.messages == talk.conversation.history.context()
+    # Sent once the answer's text was complete, not once it had been heard (seconds later).
+    done = next(c for c in talk.of(cmd.Emit) if isinstance(c.event, AnswerDone) and c.event.turn == 3)
+    first_audio = next(c for c in talk.of(cmd.Play) if c.turn == 3)
+    assert talk.commands.index(prefill) < talk.commands.index(first_audio) < talk.commands.index(done)
     # The next question's prompt extends exactly what was prefilled.
     talk.speak()
     talk.pause()

@@ -116,3 +116,38 @@ async def test_jobs_run_in_parallel_up_to_capacity(start_worker, connect):
     await asyncio.wait_for(asyncio.gather(*(drain(j) for j in jobs)), 60)
     assert seen_running == 2
     assert all(j.done.reason == "complete" for j in jobs)
+
+
+def test_a_prefill_is_worth_waiting_for_while_it_has_no_more_left_than_it_saves():
+    from workers.llm import _Filling
+
+    context = list(range(500))
+    prompt = [*context, 900, 901]  # the context, then the question
+    assert _Filling(context, evaluated=100).worth_waiting(prompt, have=20)  # 400 left, 480 saved
+    assert _Filling(context, evaluated=20).worth_waiting(prompt, have=20)  # just begun: a tie waits
+    assert not _Filling(context, evaluated=20).worth_waiting(prompt, have=200)  # 480 left, 300 saved
+    assert not _Filling(context, evaluated=499).worth_waiting(prompt, have=498)  # nothing to gain
+    assert not _Filling([7, *context], evaluated=400).worth_waiting(prompt, have=20)  # another conversation's context
+
+
+async def test_a_request_waits_for_the_prefill_of_its_context_instead_of_evaluating_it_again(start_worker, connect):
+    engine = engine_for(WorkerKind.LLM, capacity=2)
+    _, url = await start_worker(WorkerKind.LLM, capacity=2, engine=engine)
+    llm = await connect(url)
+    history = []
+    for turn in range(12):  # ~700 tokens: long enough to be caught being evaluated
+        history.append({"role": "user", "content": f"Turn {turn}: tell me something about rivers and the sea, please."})
+        history.append({"role": "assistant", "content": f"Rivers carry water to the sea, fact number {turn}, and they shape valleys."})
+    prefill = await llm.start_job(LlmParams(messages=history, max_tokens=1, prefill=True))
+    await prefill.end()
+    await wait_until(lambda: bool(engine._filling), timeout=10, interval=0.001)
+    # The next question arrives while the context is still being evaluated on one instance; the other is free.
+    answer = await llm.start_job(LlmParams(messages=[*history, {"role": "user", "content": "Say hi."}], max_tokens=4))
+    await answer.end()
+
+    async def drain(job) -> None:
+        [e async for e in job.events()]
+
+    await asyncio.wait_for(asyncio.gather(drain(prefill), drain(answer)), 60)
+    assert prefill.done.stats["prefilled"] > 500, prefill.done.stats
+    assert answer.done.stats["prompt_tokens_reused"] >= prefill.done.stats["prompt_tokens"]

@@ -24,6 +24,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
@@ -48,10 +49,32 @@ CHATML_TEMPLATE = (
 _DONE = object()
 PREFILL_CHUNK = 64
 """Tokens evaluated between checks for cancel while prefilling."""
-PREFILL_WAIT_S = 0.3
-"""How long a request waits for an instance still prefilling its beginning."""
 PREFILL_WORTH_WAITING = 4
-"""Tokens more than the best free instance holds that make that wait worth it."""
+"""Tokens beyond what the best free instance holds that make a prefill worth waiting for."""
+
+
+@dataclass
+class _Filling:
+    """A prefill in progress: the tokens its instance will hold, and how many it holds now."""
+
+    tokens: list[int]
+    evaluated: int
+    """Advanced by the prefill's thread after each chunk (an int store: atomic under the GIL)."""
+
+    def worth_waiting(self, prompt: list[int], have: int) -> bool:
+        """Whether a request for ``prompt`` is answered sooner by waiting for this prefill than
+        on an instance that holds ``have`` of its tokens: the prefill holds more of them, and
+        has no more left to evaluate than the other instance would. (A tie waits: two
+        evaluations at once on a small box each run at half speed.)"""
+        gain = common_prefix(self.tokens, prompt) - have
+        return gain >= PREFILL_WORTH_WAITING and len(self.tokens) - self.evaluated <= gain
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Hand ``callback`` to the event loop from a model thread; if the loop has closed
+    (the worker is gone), nobody is waiting for it."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -105,8 +128,8 @@ class LlmEngine(Engine):
         self._free: list[Llama] = list(self._instances)
         self._freed: asyncio.Event | None = None
         self._threads: set[threading.Thread] = set()
-        self._filling: dict[int, list[int]] = {}
-        """Tokens being prefilled, by prefill job: their instances will hold them soon."""
+        self._filling: dict[int, _Filling] = {}
+        """Prefills in progress, by job: their instances will hold these tokens soon."""
 
     @property
     def idle_instances(self) -> int:
@@ -119,26 +142,23 @@ class LlmEngine(Engine):
         A conversation's next prompt extends its last one, so the instance that
         answered the last turn re-evaluates only the new tokens. An instance
         still prefilling this prompt's beginning (the question while it was
-        being spoken) is waited for, up to ``PREFILL_WAIT_S``, rather than
-        evaluating it all again on another.
+        spoken, a trimmed history) is waited for when that is quicker than
+        evaluating the prompt elsewhere: when what it has left to evaluate is
+        no more than what it would save.
         """
         if self._freed is None:
             self._freed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + PREFILL_WAIT_S
         while True:
             best = max(self._free, key=lambda llm: cached_prefix(llm, prompt), default=None)
             have = cached_prefix(best, prompt) if best is not None else 0
-            filling = max((common_prefix(tokens, prompt) for tokens in self._filling.values()), default=0)
-            if best is not None and (filling < have + PREFILL_WORTH_WAITING or loop.time() >= give_up_at):
+            if best is not None and not any(f.worth_waiting(prompt, have) for f in self._filling.values()):
                 self._free.remove(best)
                 return best
+            # Either nothing is free, or a prefill will be done sooner than this prompt
+            # could be evaluated elsewhere (and waiting only makes it more so): wait for an
+            # instance to come back.
             self._freed.clear()
-            if best is None:
-                await self._freed.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), max(0.0, give_up_at - loop.time()))
+            await self._freed.wait()
 
     def _release(self, llm: Llama) -> None:
         self._free.append(llm)
@@ -152,7 +172,7 @@ class LlmEngine(Engine):
         alone is still too long, its beginning is cut. Dropping is monotone, so
         the number to drop is found by bisection: a few renders, not one per turn.
         """
-        system, rest = (messages[0], list(messages[1:])) if messages[0].role == "system" else (self.system, list(messages))
+        system, *rest = self._with_system(messages)
         budget = min(max_tokens, self.n_ctx // 2)
         limit = self.n_ctx - budget
 
@@ -181,6 +201,10 @@ class LlmEngine(Engine):
             tokens = self._prompt.tokens([system, ChatMessage(role=last.role, content=text)])[-limit:]
         return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped
 
+    def _with_system(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """``messages`` with this worker's system prompt first if they bring none."""
+        return list(messages) if messages and messages[0].role == "system" else [self.system, *messages]
+
     def _llm_tokenize(self, text: str) -> list[int]:
         return self._instances[0].tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
@@ -202,10 +226,10 @@ class LlmEngine(Engine):
         pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by max_tokens (<= 4096)
 
         def put(item: Any) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
+            _to_loop(loop, pieces.put_nowait, item)
 
         def release() -> None:
-            loop.call_soon_threadsafe(self._release, llm)
+            _to_loop(loop, self._release, llm)
 
         thread = threading.Thread(
             target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
@@ -267,14 +291,14 @@ class LlmEngine(Engine):
         ``PREFILL_CHUNK`` tokens, with cancel checked in between.
         """
         loop = asyncio.get_running_loop()
-        tokens = await loop.run_in_executor(None, lambda: self._prompt.tokens(params.messages, add_generation_prompt=False))
+        tokens = await loop.run_in_executor(None, lambda: self._prompt.tokens(self._with_system(params.messages), add_generation_prompt=False))
         if len(tokens) > self.n_ctx // 2:
             job.stats["prefilled"] = 0
             return  # too long to be worth keeping: the next request will trim it anyway
         llm = await self._acquire(tokens)
         reused = cached_prefix(llm, tokens)
         done = loop.create_future()
-        self._filling[job.job_id] = tokens
+        filling = self._filling[job.job_id] = _Filling(tokens, reused)
 
         def evaluate() -> None:
             try:
@@ -283,11 +307,12 @@ class LlmEngine(Engine):
                     if job.cancel_event.is_set():
                         break
                     llm.eval(tokens[start : start + PREFILL_CHUNK])
-                loop.call_soon_threadsafe(_settle, done, None)
+                    filling.evaluated = min(start + PREFILL_CHUNK, len(tokens))
+                _to_loop(loop, _settle, done, None)
             except BaseException as exc:  # handed to the event loop, which fails the job
-                loop.call_soon_threadsafe(_settle, done, exc)
+                _to_loop(loop, _settle, done, exc)
             finally:
-                loop.call_soon_threadsafe(self._release, llm)
+                _to_loop(loop, self._release, llm)
 
         started = time.perf_counter()
         self._start_thread(threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True))

@@ -713,6 +713,7 @@ class Conversation:
         for piece in answer.chunker.flush():
             self._say(answer, piece)
         answer.generated = True  # after the last pieces: a TTS job they start gets its end below, once
+        self._prefill_trimmed(answer)
         if answer.tts is None:
             answer.speech_done = True
         elif answer.tts.ref is not None:
@@ -729,6 +730,7 @@ class Conversation:
     def _confirm(self, answer: _Answer) -> None:
         """The turn really ended: the held answer plays."""
         answer.confirmed = True
+        self._prefill_trimmed(answer)
         held, answer.held = answer.held, []
         self._out += held
         if any(isinstance(c, cmd.Play) for c in held):
@@ -823,6 +825,15 @@ class Conversation:
         if self.history.remember(question, answer):
             # The prompt's prefix changed: have it evaluated now, not when the next question waits for it.
             self._prefill(self.history.context(), new_chars=sum(len(m.content) for m in self.history.context()))
+
+    def _prefill_trimmed(self, answer: _Answer) -> None:
+        """A confirmed answer, complete, that will trim the history: evaluate the trimmed
+        context now, while the answer plays (seconds of prompt on a small box)."""
+        if not (answer.confirmed and answer.generated and answer.question):
+            return
+        context = self.history.context_if_trimmed(answer.question, answer.text)
+        if context is not None:
+            self._prefill(context, new_chars=sum(len(m.content) for m in context))
 
     def _prefill_question(self, turn: _Turn, partial: str) -> None:
         """Have the LLM worker evaluate the question as heard so far, while the person still speaks.

@@ -11,9 +11,10 @@ The history is trimmed in blocks, not one turn at a time: a window sliding by
 one turn would change the prompt right after the system message on every
 turn, and the worker would re-evaluate the whole history each time. When
 full it keeps only the newest half; the turn after such a trim would still
-re-evaluate the kept half, so :meth:`History.remember` says when it trimmed
-and the conversation sends the worker the trimmed prompt to evaluate at once
-(``LlmParams.prefill``), while the answer plays and the person thinks.
+re-evaluate the kept half (seconds on a small box), so the conversation
+sends the worker the trimmed prompt to evaluate ahead (``LlmParams.prefill``)
+as soon as the answer that trims it is complete, while it plays
+(:meth:`History.context_if_trimmed`).
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ class History:
 
     def remember(self, question: str, answer: str) -> bool:
         """Add a turn; return whether the history was trimmed (the prompt's prefix changed)."""
-        self.messages += [ChatMessage(role="user", content=question), ChatMessage(role="assistant", content=answer)]
-        if len(self.messages) <= 2 * self.max_turns:
-            return False
+        self.messages, trimmed = self._with(question, answer)
+        return trimmed
+
+    def context_if_trimmed(self, question: str, answer: str) -> list[ChatMessage] | None:
+        """What the next prompt would start with once this turn is remembered, if that trims
+        the history; ``None`` if it would not. (The conversation has the trimmed context
+        evaluated as soon as the answer's text is complete, not when it has been heard.)"""
+        messages, trimmed = self._with(question, answer)
+        return [self.system, *messages] if trimmed else None
+
+    def _with(self, question: str, answer: str) -> tuple[list[ChatMessage], bool]:
+        messages = [*self.messages, ChatMessage(role="user", content=question), ChatMessage(role="assistant", content=answer)]
+        if len(messages) <= 2 * self.max_turns:
+            return messages, False
         keep = self.max_turns // 2
-        self.messages = self.messages[-2 * keep :] if keep else []
-        return True
+        return (messages[-2 * keep :] if keep else []), True
 
     def context(self) -> list[ChatMessage]:
         """What the next prompt starts with (for a prefill)."""
