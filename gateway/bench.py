@@ -360,7 +360,7 @@ async def speak_turn(session: GatewaySession, speech: np.ndarray) -> tuple[float
                     break
         number = done["turn"]
         latency = await session.wait_event("latency", timeout=TURN_TIMEOUT_S, turn=number)
-        heard = session.first_audible(after=speech_end)
+        heard = await _first_audible(session, speech_end)
         if heard is None:
             raise RuntimeError(f"turn {number} was answered but nothing audible arrived")
         await silence
@@ -368,6 +368,16 @@ async def speak_turn(session: GatewaySession, speech: np.ndarray) -> tuple[float
         silence.cancel()
     turns = len({e["turn"] for e in session.events[first:] if e["type"] == "transcript.final"})
     return (heard - speech_end) * 1000, latency, turns
+
+
+async def _first_audible(session: GatewaySession, after: float, wait_s: float = 5.0) -> float | None:
+    """When the answer was first audible; waits for it a while (a gateway that reports ``answer.done``
+    before its audio has played, as the baseline does, has it still coming). Polls once a frame:
+    the client has no event for audio."""
+    deadline = time.monotonic() + wait_s
+    while (heard := session.first_audible(after=after)) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return heard
 
 
 def _words(text: str) -> list[str]:

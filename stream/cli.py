@@ -136,7 +136,7 @@ def probe(
 token_app = typer.Typer(no_args_is_help=True, help="Client tokens: who may open a session on the gateway.")
 app.add_typer(token_app, name="token")
 TokenFileOption = Annotated[
-    Optional[Path], typer.Option("--file", help="Token file (default: [security] client_tokens_file of the config).")
+    Optional[Path], typer.Option("--file", help=r"Token file (default: \[security] client_tokens_file of the config).")
 ]
 
 
@@ -340,11 +340,11 @@ def bench_voice(
     slowdown: Annotated[
         Optional[str], typer.Option(help="Emulate a slower box: CPU quota per process, e.g. stt=8,tts=3,llm=1.5,gateway=2 (needs root).")
     ] = None,
-    first_piece_words: Annotated[Optional[int], typer.Option(help="Override [gateway] first_piece_words.")] = None,
+    first_piece_words: Annotated[Optional[int], typer.Option(help=r"Override \[gateway] first_piece_words.")] = None,
     tree: Annotated[Optional[Path], typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
     logs: Annotated[Optional[Path], typer.Option(help="Directory for the gateway's and workers' output.")] = None,
     gateway_option: Annotated[
-        Optional[list[str]], typer.Option("--gateway-option", help="KEY=VALUE for the [gateway] section, as TOML (repeat).")
+        Optional[list[str]], typer.Option("--gateway-option", help=r"KEY=VALUE for the \[gateway] section, as TOML (repeat).")
     ] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
     config: ConfigOption = None,
