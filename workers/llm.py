@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 import contextlib
 import threading
 import time
@@ -87,7 +88,14 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 
 class ChatPrompt:
-    """Renders chat messages to tokens with the model's own chat template."""
+    """Renders chat messages to tokens with the model's own chat template.
+
+    Only the template's own text may become control tokens: what a message
+    says (the person's words, the camera's OCR text) is tokenized as plain
+    text, so ``<|im_start|>system`` typed or shown to the camera is just
+    characters, never a new turn of another role. The template is rendered
+    with a placeholder per message, and the parts are tokenized apart.
+    """
 
     def __init__(self, llm: Llama) -> None:
         self._llm = llm
@@ -97,13 +105,23 @@ class ChatPrompt:
         self._eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
 
     def tokens(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        placeholders = [f"\x00{i}\x00" for i in range(len(messages))]  # contents are never rendered: no collision
         text = self._template.render(
-            messages=[m.model_dump() for m in messages],
+            messages=[{"role": m.role, "content": p} for m, p in zip(messages, placeholders, strict=True)],
             add_generation_prompt=add_generation_prompt,
             bos_token=self._bos,
             eos_token=self._eos,
         )
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        tokens: list[int] = []
+        for i, part in enumerate(re.split("\x00([0-9]+)\x00", text)):
+            if i % 2:  # a message's content
+                tokens += self._text(messages[int(part)].content, special=False)
+            elif part:  # the template's own text: its control tokens are real
+                tokens += self._text(part, special=True)
+        return tokens
+
+    def _text(self, text: str, special: bool) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
 
 class LlmEngine(Engine):
@@ -165,12 +183,14 @@ class LlmEngine(Engine):
         if self._freed is not None:
             self._freed.set()
 
-    def fit_to_context(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[int], int, int]:
-        """Tokens of the prompt, the answer budget, and how many messages were dropped.
+    def fit_to_context(self, messages: list[ChatMessage], max_tokens: int) -> tuple[list[int], int, int, int]:
+        """Tokens of the prompt, the answer budget, how many messages were dropped, and how
+        many tokens were cut from the start of the last one.
 
-        Oldest turns go first (the system message stays); if the last message
-        alone is still too long, its beginning is cut. Dropping is monotone, so
-        the number to drop is found by bisection: a few renders, not one per turn.
+        Oldest turns go first (the system message and the last message stay);
+        if the last message alone is still too long, its beginning is cut.
+        Dropping is monotone, so the number to drop is found by bisection: a
+        few renders, not one per turn.
         """
         system, *rest = self._with_system(messages)
         budget = min(max_tokens, self.n_ctx // 2)
@@ -189,8 +209,9 @@ class LlmEngine(Engine):
                 high = middle
             else:
                 low = middle + 1
-        dropped = max(low, 0) if rest else 0
+        dropped = min(low, len(rest) - 1) if rest else 0
         tokens = render(dropped)
+        cut = 0
         if len(tokens) > limit:
             # One message alone is too long: keep its end, which holds the question.
             last = rest[-1]
@@ -199,7 +220,8 @@ class LlmEngine(Engine):
             keep = max(limit - overhead - 8, 1)
             text = self._instances[0].detokenize(content[-keep:]).decode("utf-8", errors="ignore")
             tokens = self._prompt.tokens([system, ChatMessage(role=last.role, content=text)])[-limit:]
-        return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped
+            cut = len(content) - keep
+        return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped, cut
 
     def _with_system(self, messages: list[ChatMessage]) -> list[ChatMessage]:
         """``messages`` with this worker's system prompt first if they bring none."""
@@ -214,7 +236,9 @@ class LlmEngine(Engine):
             await self._prefill(job, params)
             return
         loop = asyncio.get_running_loop()
-        prompt, budget, dropped = await loop.run_in_executor(None, self.fit_to_context, params.messages, params.max_tokens)
+        prompt, budget, dropped, cut = await loop.run_in_executor(None, self.fit_to_context, params.messages, params.max_tokens)
+        if cut:
+            job.stats["message_cut_tokens"] = cut  # said in the job's complete message; the gateway logs it
         if params.answer_prefix:
             # Continue an answer another worker began: its text follows the generation prompt.
             prompt = prompt + self._llm_tokenize(params.answer_prefix)

@@ -469,6 +469,9 @@ class Conversation:
         elif isinstance(work.owner, _Answer):
             answer = work.owner
             if work.kind is WorkerKind.LLM:
+                if event.stats.get("message_cut_tokens"):
+                    log.warning("turn %s: the question was too long for the LLM's context; its first %d tokens were cut",
+                                work.trace, event.stats["message_cut_tokens"])
                 self._generated(answer, truncated=bool(event.stats.get("truncated")))
             else:
                 answer.speech_done = True
