@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
+from pydantic import BaseModel, ValidationError
 
 from stream.config import ConfigError, load_config
 from stream.protocol import WorkerKind
@@ -25,6 +26,20 @@ def _with_log_format(cfg, log_format: str | None):
         typer.echo(f"error: --log-format: expected text or json, got {log_format!r}", err=True)
         raise typer.Exit(2)
     return cfg.model_copy(update={"log": cfg.log.model_copy(update={"format": log_format})})
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def _overridden(settings: S, options: dict[str, object]) -> S:
+    """``settings`` with the command line's options (``None``: not given), validated like the file."""
+    overrides = {k: v for k, v in options.items() if v is not None}
+    try:
+        return settings.model_validate({**settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        typer.echo(f"error: --{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _config(path: Path | None):
@@ -49,8 +64,6 @@ def worker(
     log_format: LogFormatOption = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
-    from pydantic import ValidationError
-
     from stream.keys import KeyFileError
     from stream.tls import TlsError
     from workers.launch import run_worker
@@ -58,14 +71,9 @@ def worker(
 
     cfg = _with_log_format(_config(config), log_format)
     settings = cfg.workers.for_kind(kind)
-    options = dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address)
-    overrides = {k: v for k, v in options.items() if v is not None}
-    try:
-        settings = settings.model_validate({**settings.model_dump(), **overrides})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        typer.echo(f"error: --{first['loc'][0]}: {first['msg']}", err=True)
-        raise typer.Exit(2) from None
+    settings = _overridden(settings, dict(
+        host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address
+    ))
     try:
         run_worker(kind, settings, cfg.log, cfg.security)
     except (ModelNotFound, FileNotFoundError, KeyFileError, TlsError) as exc:
@@ -93,10 +101,8 @@ def gateway(
     from stream.tls import TlsError
 
     cfg = _with_log_format(_config(config), log_format)
-    overrides = {k: v for k, v in dict(host=host, port=port, discover=discover).items() if v is not None}
-    if loopback_ice:
-        overrides["loopback_ice"] = True
-    cfg = cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update=overrides)})
+    overrides = dict(host=host, port=port, discover=discover, loopback_ice=True if loopback_ice else None)
+    cfg = cfg.model_copy(update={"gateway": _overridden(cfg.gateway, overrides)})
     try:
         run_gateway(cfg)
     except (ExposureError, KeyFileError, TlsError, TokenFileError) as exc:

@@ -100,6 +100,12 @@ async def test_bad_config_fails_naming_the_key(tmp_path: Path):
     assert code == 2 and "workers.stt.capacity" in output and "greater than or equal to 1" in output
 
 
+@pytest.mark.parametrize("command", [("gateway",), ("worker", "stt")])
+async def test_command_line_options_are_validated_like_the_file(command: tuple[str, ...]):
+    code, output = await run(*command, "--port", "70000", timeout=30)
+    assert code == 2 and "--port" in output and "65535" in output
+
+
 async def test_missing_model_file_is_a_clear_error(tmp_path: Path):
     code, output = await run("worker", "llm", "--model", str(tmp_path / "nope.gguf"), "--port", "0", timeout=30)
     assert code == 1 and "model not found" in output and "nope.gguf" in output
