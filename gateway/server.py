@@ -165,8 +165,12 @@ class Gateway:
             if self._closing:
                 missing.append("shutting_down")
             return readiness_response(missing, {"sessions": len(self.sessions), "workers": workers})
-        file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
-        if not file.is_relative_to(WEB_ROOT) or not file.is_file():
+        try:
+            file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
+            found = file.is_relative_to(WEB_ROOT) and file.is_file()
+        except OSError:  # a name too long for the file system, say
+            found = False
+        if not found:
             return response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
         kind = CONTENT_TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         return response(HTTPStatus.OK, file.read_bytes(), kind)
@@ -188,6 +192,9 @@ class Gateway:
             return
         except (ValueError, TypeError) as exc:
             await self._refuse(websocket, "malformed", str(exc), peer)
+            return
+        except RecursionError:  # "[[[[..." thousands deep
+            await self._refuse(websocket, "malformed", "JSON nested too deep", peer)
             return
         except websockets.ConnectionClosed:
             return

@@ -16,6 +16,7 @@ import uuid
 
 import av
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from stream import logs
@@ -41,6 +42,17 @@ CLIENT_MESSAGE_BURST = 20
 
 class BadOffer(ValueError):
     """An offer that is not an SDP offer aiortc can answer."""
+
+
+def check_offer(sdp: str, max_media_sections: int) -> None:
+    """Refuse an offer before aiortc parses it (a thread per media section, and a DTLS
+    session it would answer without the fingerprint that secures it); raise :class:`BadOffer`."""
+    lines = sdp.splitlines()
+    sections = sum(1 for line in lines if line.startswith("m="))
+    if sections > max_media_sections:
+        raise BadOffer(f"the offer has {sections} media sections; this gateway takes {max_media_sections} at most (audio, video, data)")
+    if not any(line.startswith("a=fingerprint:") for line in lines):
+        raise BadOffer("the offer has no DTLS fingerprint (a=fingerprint)")
 
 
 class Session:
@@ -75,18 +87,21 @@ class Session:
 
     async def accept(self, offer_sdp: str) -> str:
         """Answer the client's offer (ICE gathering complete); raise :class:`BadOffer`."""
+        check_offer(offer_sdp, self.settings.max_media_sections)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise BadOffer(f"cannot use this offer: {exc}") from None
-        if not any(t.kind == "audio" for t in self.pc.getTransceivers()):
-            raise BadOffer("the offer has no audio")
-        if "opus/48000" not in offer_sdp.lower():
-            # The answer track sends Opus packets as they are (gateway/playout.py).
-            raise BadOffer("the offer's audio has no Opus codec")
-        self.pc.addTrack(self.answer_track)
-        answer = await self.pc.createAnswer()
-        await self.pc.setLocalDescription(answer)
+            if not any(t.kind == "audio" for t in self.pc.getTransceivers()):
+                raise BadOffer("the offer has no audio")
+            if "opus/48000" not in offer_sdp.lower():
+                # The answer track sends Opus packets as they are (gateway/playout.py).
+                raise BadOffer("the offer's audio has no Opus codec")
+            self.pc.addTrack(self.answer_track)
+            answer = await self.pc.createAnswer()  # aiortc refuses codecs it lacks here (OperationError)
+            await self.pc.setLocalDescription(answer)
+        except BadOffer:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, InvalidAccessError, InvalidStateError, OperationError) as exc:
+            raise BadOffer(f"cannot use this offer: {exc or type(exc).__name__}") from None
         return self.pc.localDescription.sdp
 
     # -- callbacks -------------------------------------------------------------------

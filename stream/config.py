@@ -118,6 +118,9 @@ class GatewaySettings(_Section):
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_sessions_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
     """Sessions one client may hold at once: per token, or per address where no token is needed."""
+    max_media_sections: Annotated[int, Field(ge=2, le=64)] = 4
+    """Media sections (``m=`` lines) an offer may have, counted before aiortc parses it: each
+    costs a decoder thread and ~1 ms of the event loop to parse (audio, video, data: 3)."""
     max_utterance_s: Annotated[float, Field(ge=1, le=600)] = 30.0
     """A turn that goes on this long is ended here and answered; the client is told (``utterance_too_long``)."""
     end_silence_ms: Annotated[float, Field(ge=64, le=5000)] = 320

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -149,6 +150,26 @@ async def wait_cleaned_up(gateway, workers) -> None:
 async def test_malformed_offer_is_refused_clearly(gateway, workers, speak, message, code):
     reply = await signaling_reply(gateway.url, message)
     assert reply["type"] == "error" and reply["code"] == code and reply["message"]
+    await wait_cleaned_up(gateway, workers)
+    await assert_gateway_still_answers(gateway, speak)
+
+
+async def test_offer_with_hundreds_of_media_sections_or_no_fingerprint_is_refused_before_aiortc_parses_it(gateway, workers, speak):
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    compact = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"  # ~70 bytes a section
+    threads = threading.active_count()
+    reply = await signaling_reply(gateway.url, json.dumps({"type": "offer", "sdp": sdp + compact * 200}))
+    assert reply["code"] == "bad_offer" and "201 media sections" in reply["message"]
+    assert threading.active_count() <= threads + 2  # no decoder thread per section
+    unsigned = "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith("a=fingerprint"))
+    reply = await signaling_reply(gateway.url, json.dumps({"type": "offer", "sdp": unsigned}))
+    assert reply["code"] == "bad_offer" and "fingerprint" in reply["message"]
+    reply = await signaling_reply(gateway.url, "[" * 5000)
+    assert reply["code"] == "malformed" and "deep" in reply["message"]
     await wait_cleaned_up(gateway, workers)
     await assert_gateway_still_answers(gateway, speak)
 

@@ -118,6 +118,14 @@ async def test_readiness_when_every_kind_is_there(gateway):
     assert status == 200 and json.loads(body) == {"ready": True, "missing": [], "sessions": 0, "workers": {k.value: True for k in WorkerKind}}
 
 
+async def test_the_page_server_answers_unknown_and_impossible_paths_with_404(gateway):
+    base = http_base(gateway.url)
+    assert (await http_get(f"{base}/"))[0] == 200
+    for path in ("/nope.html", "/" + "a" * 300, "/x/" + "b" * 5000 + ".js", "/../../etc/passwd"):
+        status, body = await http_get(f"{base}{path}")
+        assert status == 404 and body.strip() == "not found", path
+
+
 async def test_worker_health_and_readiness_follow_its_capacity(start_worker, connect):
     server, url = await start_worker(WorkerKind.STT, capacity=1)
     base = url.replace("ws://", "http://")
