@@ -39,7 +39,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from stream import keys, logs, tls
-from stream.config import GatewaySettings, SecuritySettings, is_loopback
+from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
 from stream.http import json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
 
@@ -71,10 +71,6 @@ async def _bounded(what: str, awaitable) -> None:
             await awaitable
     except TimeoutError:
         log.warning("stopping: %s took more than %g s; going on without it", what, CLOSE_STEP_S)
-
-
-class ExposureError(ValueError):
-    """The gateway would listen beyond this box with nothing to keep strangers out."""
 
 
 class Gateway:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 
-from stream.config import ConfigError, load_config
+from stream.config import ConfigError, ExposureError, load_config
 from stream.protocol import WorkerKind
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time multimodal conversation at the edge.")
@@ -76,6 +76,9 @@ def worker(
     ))
     try:
         run_worker(kind, settings, cfg.log, cfg.security)
+    except ExposureError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except (ModelNotFound, FileNotFoundError, KeyFileError, TlsError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -95,7 +98,6 @@ def gateway(
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
     from gateway.launch import run_gateway
-    from gateway.server import ExposureError
     from gateway.tokens import TokenFileError
     from stream.keys import KeyFileError
     from stream.tls import TlsError

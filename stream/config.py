@@ -180,6 +180,10 @@ class SecuritySettings(_Section):
         return self
 
 
+class ExposureError(ValueError):
+    """A server (gateway or worker) would listen beyond this box with nothing to keep strangers out."""
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) can only be reached from this box."""
     if host == "localhost":

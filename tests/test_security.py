@@ -70,6 +70,17 @@ def test_listening_beyond_loopback_needs_tokens(tmp_path):
     assert refused.returncode == 2 and "client_tokens_file" in refused.stderr
 
 
+def test_a_worker_listening_beyond_loopback_needs_the_worker_key(tmp_path):
+    refused = edgestream("worker", "stt", "--host", "0.0.0.0", "--port", "0")
+    assert refused.returncode == 2 and "worker_key_file" in refused.stderr
+    key = tmp_path / "worker.key"
+    create_key_file(key)
+    (tmp_path / "keyed.toml").write_text(f'[security]\nworker_key_file = "{key}"\n')
+    # With the key it would start: it gets past the check to loading its model (stopped by a missing one).
+    keyed = edgestream("worker", "stt", "--config", str(tmp_path / "keyed.toml"), "--host", "0.0.0.0", "--port", "0", "--model", str(tmp_path / "none"))
+    assert keyed.returncode == 1 and "model not found" in keyed.stderr
+
+
 async def open_gateway(urls, tmp_path, **settings) -> tuple[Gateway, str, TokenFile]:
     tokens = TokenFile(tmp_path / "tokens.json")
     security = SecuritySettings(client_tokens_file=str(tokens.path))

@@ -9,7 +9,7 @@ import threading
 import time
 
 from stream import keys, logs, tls
-from stream.config import LogSettings, SecuritySettings, WorkerSettings
+from stream.config import ExposureError, LogSettings, SecuritySettings, WorkerSettings, is_loopback
 from stream.protocol import WorkerKind
 
 from .engine import Engine
@@ -72,6 +72,11 @@ def load_worker_key(security: SecuritySettings) -> bytes | None:
 
 async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: SecuritySettings = SecuritySettings()) -> None:
     key = load_worker_key(security)  # before the model: a bad key file fails at once
+    if key is None and not is_loopback(settings.host):
+        raise ExposureError(
+            f"listening on {settings.host} lets anyone on the network run jobs on this worker: set [security] "
+            "worker_key_file (create it with `edgestream keys worker PATH`, the same file on the gateway), or listen on 127.0.0.1"
+        )
     ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
     engine = await asyncio.to_thread(_load_with_progress, kind, settings)
     server = WorkerServer(
