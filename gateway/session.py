@@ -15,6 +15,7 @@ import time
 import uuid
 
 import av
+import numpy as np
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -22,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from stream import logs
 from stream.audio import ArrivalLag
 from stream.config import GatewaySettings
+from stream.protocol.jobs import STT_SAMPLE_RATE
 
 from .events import ErrorEvent, Event, SessionReady
 from .limits import TokenBucket
@@ -33,6 +35,9 @@ from .worker_pool import WorkerPool
 log = logging.getLogger("edgestream.gateway")
 
 MAX_PENDING_EVENTS = 256
+MIC_GAP_S = 1.0
+"""A turn whose audio stops arriving for this long (packets, not silence: an unplugged
+microphone, a client that froze) is ended as if the person had stopped speaking."""
 PC_CLOSE_S = 5.0
 """How long closing the peer connection may take before the session is let go."""
 CLIENT_MESSAGES_PER_S = 10
@@ -148,7 +153,12 @@ class Session:
         arrival = ArrivalLag()
         try:
             while True:
-                frame = await track.recv()
+                try:
+                    async with asyncio.timeout(MIC_GAP_S if self.turns.speaking else None):
+                        frame = await track.recv()
+                except TimeoutError:
+                    self._end_turn_without_audio()
+                    continue
                 self.audio_frames += 1
                 lag, lost = arrival.arrived(frame.pts, frame.samples, frame.sample_rate, time.monotonic())
                 self.metrics.ingest_lag_seconds.observe(lag)
@@ -160,6 +170,15 @@ class Session:
                         self.runner.handle(event)
         except MediaStreamError:
             pass
+
+    def _end_turn_without_audio(self) -> None:
+        """The microphone went quiet mid-turn (no packets at all, not silence): the turn detector
+        counts time in received audio and would wait for ever, holding the turn's STT job. It
+        hears the silence that did not come instead, and the turn ends as if the person had paused."""
+        log.info("no audio for %g s in a turn: it ends as if the person stopped speaking", MIC_GAP_S)
+        silence = np.zeros(int(STT_SAMPLE_RATE * (self.settings.end_silence_ms / 1000 + MIC_GAP_S)), np.int16)
+        for event in self.turns.push(silence):
+            self.runner.handle(event)
 
     async def _keep_latest_frame(self, track: MediaStreamTrack) -> None:
         try:

@@ -47,6 +47,9 @@ class WorkerSettings(_Section):
     """CPU threads the model may use per job."""
     report_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
     """How often a load report is pushed to each connected client."""
+    idle_input_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """A job that waits this long for its next input (audio, text) fails with ``limit``: a
+    client that opens jobs and goes quiet cannot hold the worker's slots."""
     worker_id: str = ""
     """Name in hello and logs; empty for ``KIND@HOST:PORT``."""
     announce: bool = False

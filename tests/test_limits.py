@@ -21,7 +21,7 @@ from gateway.session import CLIENT_MESSAGE_BURST
 from gateway.turns import SpeechAudio, SpeechEnded, SpeechStarted, TurnDetector, TurnSettings
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
-from stream.sdk import GatewaySession
+from stream.sdk import GatewaySession, MicrophoneTrack
 from tests.conftest import wait_until, with_silence, word_error_rate
 
 LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest."
@@ -99,6 +99,38 @@ async def test_a_long_utterance_is_answered_in_turns_with_a_clear_error(limited_
             await wait_until(lambda: word_error_rate(LONG, " ".join(finals())) <= 0.4, timeout=20)
         assert word_error_rate(LONG, " ".join(finals())) <= 0.4, finals()
         assert len([text for text in finals() if text]) >= 2, finals()
+        assert session.connected
+    finally:
+        await session.close()
+
+
+class UnpluggedMicrophone(MicrophoneTrack):
+    """Plays what it is told to say, then sends nothing at all: no packets, not even silence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unplugged = asyncio.Event()
+        self._never = asyncio.Event()
+
+    async def recv(self):
+        if not self._queue and self.unplugged.is_set():
+            await self._never.wait()  # aiortc's sender waits here: the gateway hears nothing
+        return await super().recv()
+
+
+async def test_a_microphone_that_goes_dead_mid_turn_ends_the_turn_and_frees_its_stt_job(limited_gateway, workers, speak):
+    servers, _ = workers
+    microphone = UnpluggedMicrophone()
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True, microphone=microphone)
+    try:
+        question = speak("What is the capital of France?")
+        assert len(question) / 16000 < 1.9  # under this gateway's 2 s utterance limit
+        microphone.unplugged.set()
+        await microphone.queue(question, 16000)  # the last sample is sent, then nothing
+        final = await session.wait_event("transcript.final", timeout=20)
+        assert word_error_rate("What is the capital of France?", final["text"]) <= 0.4, final
+        await session.wait_event("answer.done", turn=final["turn"], timeout=40)
+        await wait_until(lambda: servers[WorkerKind.STT].running == 0, timeout=10)
         assert session.connected
     finally:
         await session.close()

@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from stream.protocol import (
     ErrorCode,
+    JobResult,
     JobStart,
     MediaFormat,
     MediaFrame,
@@ -206,3 +207,23 @@ async def test_client_vanishing_mid_job_frees_its_slots(start_worker, connect, s
     websocket.transport.abort()  # no close handshake: the client just disappears
     await wait_until(lambda: server.running == 0 and not server.sessions, timeout=10)
     await assert_still_serving(url, connect, speak)
+
+
+async def test_a_job_left_without_input_is_ended_and_frees_its_slot(start_worker, connect, speak):
+    server, url = await start_worker(WorkerKind.STT, capacity=2, idle_input_s=0.5)
+    stt = await connect(url)
+    quiet = await stt.start_job({})  # opened, then nothing: a stalled microphone
+    talking = await stt.start_job({})
+    await wait_until(lambda: server.running == 2)
+    speech = speak("Hello there.")
+    for start in range(0, len(speech), 3200):  # audio every 0.2 s keeps a job alive past its idle limit
+        await talking.send_audio(speech[start : start + 3200])
+        await asyncio.sleep(0.2)
+    with pytest.raises(JobFailed) as info:
+        async with asyncio.timeout(5):
+            [e async for e in quiet.events()]
+    assert info.value.code is ErrorCode.LIMIT and "no input for 0.5 s" in info.value.message
+    await talking.end()
+    results = [e async for e in talking.events() if isinstance(e, JobResult)]
+    assert results[-1].data["final"] and results[-1].data["text"].strip()
+    await wait_until(lambda: server.running == 0)

@@ -62,6 +62,8 @@ class Job:
     """What the job is part of (the gateway's turn id), for log lines about it outside its task."""
     waiting: bool = True
     """Admitted and counted as waiting for a slot (``WorkerServer.admit``), until it runs or ends."""
+    idle_input_s: float | None = None
+    """How long :meth:`next_input` waits for the client before failing the job (``None``: for ever)."""
 
     @property
     def cancelled(self) -> bool:
@@ -74,7 +76,13 @@ class Job:
         for it (``flushes``); the others produce results from each input anyway.
         """
         while True:
-            item = await self.inputs.get()
+            try:
+                async with asyncio.timeout(self.idle_input_s):
+                    item = await self.inputs.get()
+            except TimeoutError:
+                raise ProtocolError(
+                    ErrorCode.LIMIT, f"no input for {self.idle_input_s:g} s (idle_input_s); the job is ended", self.job_id
+                ) from None
             if self.cancelled:
                 raise JobCancelled
             if flushes or not isinstance(item, FlushInput):

@@ -86,6 +86,7 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
         worker_id=settings.worker_id,
         report_interval_s=settings.report_interval_s,
         key=key,
+        idle_input_s=settings.idle_input_s,
     )
     port = await server.start(settings.host, settings.port, ssl_context)
     scheme = "wss" if ssl_context else "ws"

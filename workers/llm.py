@@ -201,7 +201,7 @@ class LlmEngine(Engine):
 
         tokens = render(0)
         if len(tokens) <= limit:
-            return tokens, min(max_tokens, self.n_ctx - len(tokens)), 0
+            return tokens, min(max_tokens, self.n_ctx - len(tokens)), 0, 0
         low, high = 1, len(rest) - 1  # the last message always stays
         while low < high:
             middle = (low + high) // 2

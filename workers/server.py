@@ -79,8 +79,11 @@ class WorkerServer:
         report_interval_s: float = 1.0,
         limits: Limits = DEFAULT_LIMITS,
         key: bytes | None = None,
+        idle_input_s: float | None = None,
     ) -> None:
         self.engine = engine
+        self.idle_input_s = idle_input_s
+        """A job waiting longer than this for its next input fails with ``limit`` (``None``: no cap)."""
         self.key = key
         """The key shared with gateways: with it, only a client that proves it may run jobs."""
         self.kind = engine.kind
@@ -326,7 +329,10 @@ class WorkerSession:
                 job_id,
             )
         first_output = self._first_output_timer()
-        job = Job(job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output), trace=message.trace)
+        job = Job(
+            job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output),
+            trace=message.trace, idle_input_s=self.server.idle_input_s,
+        )
         # The job's task, and so every log line about it, carries the gateway's turn id.
         with logs.bound(turn=message.trace, job=f"{self.server.kind.value}/{job_id}"):
             task = asyncio.create_task(self._run_job(job), name=f"job-{self.server.kind.value}-{job_id}")
