@@ -13,8 +13,13 @@ SFUs that drop silent packets do): ``recv`` waits for audio, and the first
 packet of an answer goes out as soon as its audio is there, stamped with the
 time elapsed since the track started, so the receiver sees a new talkspurt
 after a gap in the timestamps and plays it at once, instead of waiting for
-the next slot of a 20 ms grid. Two silent packets end each talkspurt, so the
-receiver's decoder stops on silence rather than concealing a cut.
+the next slot of a 20 ms grid. The first ``TALKSPURT_BURST`` frames of a
+talkspurt go out together when that much audio is queued, then the pace is
+one frame per 20 ms again: a receiver that holds frames back until the
+next few have come (aiortc's jitter buffer holds four, 80 ms) plays the
+first at once instead of 80 ms later; one that starts at once loses
+nothing. Two silent packets end each talkspurt, so the receiver's decoder
+stops on silence rather than concealing a cut.
 
 The track hands aiortc encoded packets, not raw frames: only answer audio is
 encoded, here, in the event loop (about 0.1 ms a frame). Raw frames would
@@ -43,6 +48,9 @@ log = logging.getLogger("edgestream.gateway")
 SAMPLE_RATE = OPUS_RATE
 FRAME_SAMPLES = OPUS_FRAME  # 20 ms
 TRAILING_SILENT_PACKETS = 2
+TALKSPURT_BURST = 5
+"""Frames sent at once when an answer starts: aiortc's receiver releases a frame once the four
+after it are in; the sender stays this many frames (80 ms) ahead for the rest of the talkspurt."""
 MAX_BUFFERED_S = 120.0
 """Answer audio held ahead of playback (11.5 MB at 48 kHz): an answer of the default
 ``max_answer_tokens`` (96) is under a minute; audio beyond this is dropped and logged."""
@@ -139,7 +147,8 @@ class AnswerTrack(MediaStreamTrack):
             while not self._chunks:  # quiet until there is answer audio
                 self._audio_ready.clear()
                 await self._audio_ready.wait()
-            pts = self._clock.resume()
+            queued_frames = self._buffered // FRAME_SAMPLES
+            pts = self._clock.resume(ahead=max(0, min(TALKSPURT_BURST, queued_frames) - 1))
         else:
             pts = await self._clock.tick()
         samples, first = self._take()

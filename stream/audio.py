@@ -162,19 +162,19 @@ class FrameClock:
                 await asyncio.sleep(wait)
         return self.pts
 
-    def resume(self) -> int:
-        """After a pause in sending: the frame is due now; return its pts.
+    def resume(self, ahead: int = 0) -> int:
+        """After a pause in sending: the frame is due now, and so are the next ``ahead``; return its pts.
 
         The pts counts the time since the start across the pause (a jump in
-        the timestamps, as after Opus DTX), and the following ticks are one
-        frame apart from now.
+        the timestamps, as after Opus DTX); after the ``ahead`` frames the
+        ticks are one frame apart again, that many frames ahead of real time.
         """
         now = time.time()
         if self._start is None:
             self._start = now
-            return self.pts
-        self.pts = max(self.pts + self.frame_samples, int((now - self._start) * self.sample_rate))
-        self._start = now - self.pts / self.sample_rate
+        else:
+            self.pts = max(self.pts + self.frame_samples, int((now - self._start) * self.sample_rate))
+        self._start = now - (self.pts + ahead * self.frame_samples) / self.sample_rate
         self.due = now
         return self.pts
 

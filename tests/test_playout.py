@@ -10,6 +10,7 @@ import pytest
 from gateway.playout import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
+    TALKSPURT_BURST,
     TRAILING_SILENT_PACKETS,
     AnswerTrack,
 )
@@ -53,6 +54,34 @@ async def test_nothing_is_sent_between_answers_and_an_answer_starts_at_once():
     await asyncio.sleep(0.1)
     assert not after.done()
     after.cancel()
+
+
+async def test_an_answer_starts_with_a_burst_of_frames_then_goes_at_the_pace_of_real_time():
+    """A receiver holding four frames back (aiortc's jitter buffer) plays the first at once."""
+    track = AnswerTrack()
+    quiet = asyncio.ensure_future(track.recv())
+    await asyncio.sleep(0.05)
+    track.write(1, 0, tone(0.5))
+    due = [((await asyncio.wait_for(quiet, 0.5)).pts, track._clock.due)]
+    for _ in range(TALKSPURT_BURST + 2):
+        packet = await asyncio.wait_for(track.recv(), 0.5)
+        due.append((packet.pts, track._clock.due))
+    start = due[0][1]
+    assert all(at <= start for _, at in due[:TALKSPURT_BURST])  # sent together
+    assert due[TALKSPURT_BURST][1] == pytest.approx(start + 0.02, abs=1e-6)  # then one frame per 20 ms
+    assert due[TALKSPURT_BURST + 1][1] == pytest.approx(start + 0.04, abs=1e-6)
+    assert [pts for pts, _ in due] == [due[0][0] + i * FRAME_SAMPLES for i in range(len(due))]  # timestamps as ever
+    # Too little audio for a whole burst: only what there is goes at once.
+    short = AnswerTrack()
+    quiet = asyncio.ensure_future(short.recv())
+    await asyncio.sleep(0.05)
+    short.write(1, 0, tone(0.05))  # two and a half frames
+    await asyncio.wait_for(quiet, 0.5)
+    first = short._clock.due
+    await asyncio.wait_for(short.recv(), 0.5)
+    assert short._clock.due == pytest.approx(first, abs=1e-6)  # the second whole frame went with the first
+    await asyncio.wait_for(short.recv(), 0.5)  # the half frame: paced
+    assert short._clock.due == pytest.approx(first + 0.02, abs=1e-6)
 
 
 async def test_barge_in_stops_within_a_frame():
