@@ -56,8 +56,11 @@ async def test_an_image_without_text_gives_no_lines(start_worker, connect):
         (b"\x89PNG\r\n\x1a\n not really", MediaFormat.PNG, {}, "bad_format"),
         (b"\0" * 30, MediaFormat.RGB24, {"width": 4, "height": 4}, "bad_format"),
         (b"\0" * 48, MediaFormat.RGB24, {}, "bad_params"),
+        (encoded(Image.new("L", (20_000, 1)), "PNG"), MediaFormat.PNG, {}, "limit"),
+        (encoded(Image.new("L", (4000, 3000)), "PNG"), MediaFormat.PNG, {}, "limit"),
+        (b"\0" * (3 * 5000 * 100), MediaFormat.RGB24, {"width": 5000, "height": 100}, "limit"),
     ],
-    ids=["broken-png", "rgb24-wrong-size", "rgb24-without-size"],
+    ids=["broken-png", "rgb24-wrong-size", "rgb24-without-size", "a-strip", "12-megapixels", "rgb24-strip"],
 )
 async def test_bad_images_fail_only_their_job(start_worker, connect, payload, fmt, params, code):
     _, url = await start_worker(WorkerKind.VISION, capacity=1)

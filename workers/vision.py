@@ -27,11 +27,23 @@ from .engine import Engine
 from .job import Job
 from .model_files import ModelFile
 
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 3840 * 2160
+"""A 4K frame; decoding one costs ~100 MB and OCR a few seconds on two cores (16.7 MP cost 635 MB)."""
+MAX_ASPECT = 20
+"""Longest side over shortest: a 1 x 16,777,216 strip is no picture (and broke OCR with an internal error)."""
+
+
+def check_size(width: int, height: int, job_id: int) -> None:
+    """Refuse, before decoding, an image too large or too thin to be a camera frame."""
+    if width * height > MAX_PIXELS:
+        raise ProtocolError(ErrorCode.LIMIT, f"image of {width}x{height} pixels is too large (at most {MAX_PIXELS} pixels)", job_id)
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ProtocolError(ErrorCode.LIMIT, f"image of {width}x{height} pixels is too thin (sides at most {MAX_ASPECT}:1)", job_id)
 
 
 def decode_image(frame: MediaFrame, params: VisionParams) -> Image.Image:
-    """The frame as an RGB image, or a protocol error saying what is wrong with it."""
+    """The frame as an RGB image, or a protocol error saying what is wrong with it (blocking:
+    decoding a large frame takes a second; call it in a thread)."""
     if frame.format not in IMAGE_FORMATS:
         raise ProtocolError(ErrorCode.BAD_FORMAT, f"vision jobs take JPEG, PNG or RGB24 frames, not {frame.format.name}", frame.job_id)
     if frame.format is MediaFormat.RGB24:
@@ -42,12 +54,12 @@ def decode_image(frame: MediaFrame, params: VisionParams) -> Image.Image:
             raise ProtocolError(
                 ErrorCode.BAD_FORMAT, f"RGB24 {params.width}x{params.height} needs {expected} bytes, got {len(frame.payload)}", frame.job_id
             )
+        check_size(params.width, params.height, frame.job_id)
         pixels = np.frombuffer(frame.payload, np.uint8).reshape(params.height, params.width, 3)
         return Image.fromarray(pixels, "RGB")
     try:
-        image = Image.open(io.BytesIO(frame.payload))
-        if image.width * image.height > MAX_PIXELS:
-            raise ProtocolError(ErrorCode.LIMIT, f"image of {image.width}x{image.height} pixels is too large", frame.job_id)
+        image = Image.open(io.BytesIO(frame.payload))  # reads the header only
+        check_size(image.width, image.height, frame.job_id)
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ProtocolError(ErrorCode.BAD_FORMAT, f"cannot decode {frame.format.name} image: {exc}", frame.job_id) from None
@@ -90,7 +102,7 @@ class VisionEngine(Engine):
                 raise ProtocolError(ErrorCode.BAD_FORMAT, "vision jobs take one image frame, not text", job.job_id)
             if image is not None:
                 raise ProtocolError(ErrorCode.LIMIT, "a vision job takes one image", job.job_id)
-            image = decode_image(item, params)
+            image = await asyncio.get_running_loop().run_in_executor(self._pool, decode_image, item, params)
         if image is None:
             raise ProtocolError(ErrorCode.BAD_PARAMS, "job.end before any image", job.job_id)
         if self._ocr_pool is None:
