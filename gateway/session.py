@@ -79,6 +79,8 @@ class Session:
         )
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0
+        self.video_frames_dropped = 0
+        """Camera frames above ``max_video_pixels`` (reported to the client once)."""
         self.audio_frames = 0
         self.channel: RTCDataChannel | None = None
         self._pending: list[str] = []
@@ -181,9 +183,20 @@ class Session:
             self.runner.handle(event)
 
     async def _keep_latest_frame(self, track: MediaStreamTrack) -> None:
+        limit = self.settings.max_video_pixels
         try:
             while True:
-                self.latest_frame = await track.recv()  # latest wins: nothing queues
+                frame = await track.recv()
+                if frame.width * frame.height > limit:
+                    self.video_frames_dropped += 1
+                    if self.video_frames_dropped == 1:
+                        log.warning("camera frames of %dx%d dropped (max_video_pixels %d)", frame.width, frame.height, limit)
+                        self.send(ErrorEvent(
+                            code="video_too_large",
+                            message=f"camera frames of {frame.width}x{frame.height} are dropped: this gateway takes {limit} pixels at most",
+                        ))
+                    continue
+                self.latest_frame = frame  # latest wins: nothing queues
                 self.video_frames += 1
         except MediaStreamError:
             pass

@@ -73,7 +73,9 @@ def test_a_turn_that_goes_on_too_long_is_cut_and_no_audio_is_lost(speak):
 @pytest_asyncio.fixture(loop_scope="session")
 async def limited_gateway(workers):
     _, urls = workers
-    settings = GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, max_utterance_s=2, max_answer_tokens=4)
+    settings = GatewaySettings(
+        loopback_ice=True, port=0, ice_timeout_s=5, max_utterance_s=2, max_answer_tokens=4, max_video_pixels=160 * 120
+    )
     gateway = Gateway(settings, urls)
     port = await gateway.start("127.0.0.1", 0)
     await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
@@ -132,6 +134,22 @@ async def test_a_microphone_that_goes_dead_mid_turn_ends_the_turn_and_frees_its_
         await session.wait_event("answer.done", turn=final["turn"], timeout=40)
         await wait_until(lambda: servers[WorkerKind.STT].running == 0, timeout=10)
         assert session.connected
+    finally:
+        await session.close()
+
+
+async def test_camera_frames_above_the_pixel_limit_are_dropped_and_reported_once(limited_gateway, speak):
+    camera = np.full((240, 320, 3), 200, np.uint8)  # 76,800 pixels; this gateway takes 19,200
+    session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True, camera=camera)
+    try:
+        (gateway_session,) = limited_gateway.sessions.values()
+        error = await session.wait_event("error", code="video_too_large", timeout=20)
+        assert "320x240" in error["message"] and "19200" in error["message"]
+        await wait_until(lambda: gateway_session.video_frames_dropped >= 5, timeout=20)  # the camera sends 10 a second
+        assert gateway_session.latest_frame is None and gateway_session.video_frames == 0
+        assert sum(e["type"] == "error" for e in session.events) == 1
+        await session.say(with_silence(speak("Tell me a story.")), 16000)  # and the session goes on
+        await session.wait_event("answer.done", timeout=40)
     finally:
         await session.close()
 
