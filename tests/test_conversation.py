@@ -55,7 +55,7 @@ class Talk:
     """A conversation, a fake clock, and every command it has given."""
 
     def __init__(self, **settings: object) -> None:
-        defaults = {"vision_on_turn": False}
+        defaults = {"vision_on_turn": False, "first_piece_words": 4}  # the pieces these tests expect
         self.conversation = Conversation(GatewaySettings(**{**defaults, **settings}), "s1")
         self.now = 100.0
         self.commands: list[cmd.Command] = []
