@@ -39,7 +39,7 @@ class GatewayMetrics:
         self.sessions = Counter("edgestream_sessions", "Sessions opened.", registry=r)
         self.errors = Counter("edgestream_errors", "Errors sent to clients (signaling and session events), by code.", ["code"], registry=r)
         self.jobs = Counter(
-            "edgestream_jobs", "Jobs given to workers, by outcome (ok, failed, cancelled, error).", ["kind", "worker", "outcome"], registry=r
+            "edgestream_jobs", "Jobs given to workers, by outcome (ok, failed, cancelled, error, skipped: a prefill not worth the last free slot).", ["kind", "worker", "outcome"], registry=r
         )
         self.decisions = Counter(
             "edgestream_selection_decisions",

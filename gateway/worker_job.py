@@ -132,7 +132,9 @@ class WorkerJob:
             async with self.pool.lease(start.placement, model=start.model, exclude=start.exclude) as lease:
                 self.worker = lease.worker_id
                 if getattr(start.params, "prefill", False) and lease.jobs_on_worker > lease.capacity - 1:
-                    # A prefill is a head start, not worth the worker's last free slot.
+                    # A prefill is a head start, not worth the worker's last free slot
+                    # (and not the worker's failure: the lease ends as skipped).
+                    lease.release("skipped")
                     raise JobError(ErrorCode.BUSY, f"{lease.worker_id} has no slot to spare for a prefill")
                 try:
                     await self._exchange(lease)

@@ -226,7 +226,10 @@ class Lease:
             self.pool.metrics.jobs.labels(self.member.kind.value, self.worker_id, outcome).inc()
 
     def fail(self, reason: str, *, stalled: bool = False) -> None:
-        """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back)."""
+        """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back).
+        A lease already released (the job was skipped) has nothing left to fail."""
+        if not self._open:
+            return
         self.release("failed")
         log.warning("%s worker %s failed a job: %s", self.member.kind.value, self.worker_id, reason)
         if stalled and self.client is self.member.client and not self.client.closed:
