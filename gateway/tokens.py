@@ -14,6 +14,7 @@ without a restart, and the sessions a revoked token opened are closed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -23,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("edgestream.gateway")
@@ -91,11 +93,17 @@ class TokenFile:
         """Replace the file atomically (the gateway may be reading it), owner-readable only."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"tokens": [dataclasses.asdict(entry) for entry in entries]}, indent=2)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
-        os.replace(temporary, self.path)
+        # A fresh name, created exclusively (O_EXCL, mode 600): nothing planted at a
+        # predictable name (a symlink to another file) can be written through.
+        fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text + "\n")
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
 
 class TokenChecker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -60,6 +61,17 @@ def test_token_cli_creates_lists_and_revokes(tmp_path):
     missing = edgestream("token", "revoke", "alice", "--file", path)
     assert missing.returncode == 1 and "no token named 'alice'" in missing.stderr
     assert TokenChecker(path).client(token) is None
+
+
+def test_the_token_file_is_never_written_through_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    path = tmp_path / "tokens.json"
+    (tmp_path / f".{path.name}.{os.getpid()}.tmp").symlink_to(victim)  # the old, predictable temporary name
+    TokenFile(path).create("kitchen-tablet")
+    assert victim.read_text() == "precious\n"
+    assert "kitchen-tablet" in path.read_text() and not path.is_symlink()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
 def test_listening_beyond_loopback_needs_tokens(tmp_path):
