@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from stream.protocol import WorkerKind
 
@@ -52,7 +52,7 @@ class WorkerSettings(_Section):
     client that opens jobs and goes quiet cannot hold the worker's slots."""
     worker_id: str = ""
     """Name in hello and logs; empty for ``KIND@HOST:PORT``."""
-    announce: bool = False
+    announce: StrictBool = False
     """Announce this worker on the LAN by mDNS (``_edgestream._tcp``) so gateways find it."""
     announce_address: str = ""
     """``HOST:PORT`` to announce instead of the bound address (behind a port forward or a relay)."""
@@ -115,7 +115,7 @@ class GatewaySettings(_Section):
     port: Port = 8080
     workers: dict[WorkerKind, list[str]] = {}
     """Worker URLs by kind; a kind left out uses ``[workers.KIND]`` of this file (one box)."""
-    loopback_ice: bool = False
+    loopback_ice: StrictBool = False
     """Offer 127.0.0.1 as an ICE candidate: for tests on machines with only loopback."""
     ice_timeout_s: Annotated[float, Field(gt=0, le=120)] = 15.0
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
@@ -135,7 +135,7 @@ class GatewaySettings(_Section):
     """Silence after which the answer is prepared speculatively (held back until the
     end of the turn is confirmed, dropped if speech resumes); 0 turns this off."""
     max_answer_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
-    prefill_while_speaking: bool = True
+    prefill_while_speaking: StrictBool = True
     """Have the LLM worker evaluate the question from its partial transcripts while it is
     spoken, so the answer's first token waits only for the last words."""
     first_piece_words: Annotated[int, Field(ge=1, le=64)] = 3
@@ -144,7 +144,7 @@ class GatewaySettings(_Section):
     tokens. Chosen on ``bench voice``: 3 took most of what 2 gains over 4 (README, *Voice to voice*)."""
     max_history_turns: Annotated[int, Field(ge=0, le=1000)] = 8
     system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
-    vision_on_turn: bool = True
+    vision_on_turn: StrictBool = True
     """OCR the latest camera frame when the person starts speaking (ready by the end of the turn)."""
     vision_interval_s: Annotated[float, Field(ge=0, le=3600)] = 0.0
     """Also OCR the latest frame every this many seconds (0: only at turns)."""
@@ -154,7 +154,7 @@ class GatewaySettings(_Section):
     """How a job's worker is chosen (``gateway/selection.py``)."""
     job_deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0
     """A worker that gives a job no first result (final transcript, token, audio) within this is stalled: the job moves."""
-    discover: bool = False
+    discover: StrictBool = False
     """Also use workers announced on the LAN by mDNS (``_edgestream._tcp``), besides ``workers``."""
     discover_interfaces: list[str] = []
     """Addresses of the interfaces to browse on; empty for all."""

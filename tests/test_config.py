@@ -31,6 +31,7 @@ def test_default_config_is_one_box_on_loopback():
         ("[workers.robot]\n", "workers.robot: unknown key"),
         ("[workers.stt]\nport = 70000\n", "workers.stt.port: Input should be less than or equal to 65535"),
         ("[workers.stt\ncapacity = 1\n", "invalid TOML"),
+        ("[gateway]\nloopback_ice = 'yes'\n", "gateway.loopback_ice: Input should be a valid boolean"),  # not read as true
     ],
 )
 def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, expected: str):
