@@ -40,7 +40,7 @@ from websockets.http11 import Request, Response
 
 from stream import keys, logs, tls
 from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
-from stream.http import json_response, metrics_response, readiness_response, response
+from stream.http import get_and_head_only, json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
 
 from .metrics import GatewayMetrics
@@ -118,7 +118,7 @@ class Gateway:
             self._handle,
             host,
             self.settings.port if port is None else port,
-            process_request=self._http,
+            process_request=get_and_head_only(self._http),
             max_size=MAX_SIGNALING_BYTES,
             ssl=self.ssl_context,
         )

@@ -10,17 +10,43 @@ from __future__ import annotations
 import asyncio
 import ssl
 import json
+from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.datastructures import Headers
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
+from websockets.asyncio.server import ServerConnection
 
 
 def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
     headers = Headers({"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store"})
     return Response(status.value, status.phrase, headers, body)
+
+
+ProcessRequest = Callable[[ServerConnection, Request], "Response | None"]
+
+
+def get_and_head_only(handler: ProcessRequest) -> ProcessRequest:
+    """``handler`` for GET; HEAD gets GET's answer without its body; any other method, and a
+    HEAD of a WebSocket path, gets 405 (the handshake is a GET)."""
+
+    def process(connection: ServerConnection, request: Request) -> Response | None:
+        if request.method not in ("GET", "HEAD"):
+            return _not_allowed()
+        answer = handler(connection, request)
+        if request.method == "HEAD":
+            return _not_allowed() if answer is None else Response(answer.status_code, answer.reason_phrase, answer.headers, b"")
+        return answer
+
+    return process
+
+
+def _not_allowed() -> Response:
+    answer = response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", "text/plain")
+    answer.headers["Allow"] = "GET, HEAD"
+    return answer
 
 
 def json_response(payload: object, status: HTTPStatus = HTTPStatus.OK) -> Response:

@@ -126,6 +126,31 @@ async def test_the_page_server_answers_unknown_and_impossible_paths_with_404(gat
         assert status == 404 and body.strip() == "not found", path
 
 
+async def raw_http(base: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    return int(status_line.split()[1]), dict(line.split(": ", 1) for line in lines), body
+
+
+async def test_only_get_and_head_are_served_and_head_has_no_body(gateway, start_worker):
+    _, worker_url = await start_worker(WorkerKind.TTS, capacity=1)
+    for base, path in ((http_base(gateway.url), "/"), (worker_url.replace("ws://", "http://"), "/healthz")):
+        for method in ("POST", "DELETE", "TRACE", "PUT"):
+            status, headers, _ = await raw_http(base, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            assert status == 405 and headers["Allow"] == "GET, HEAD", (base, method)
+        status, headers, body = await raw_http(base, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+        status, headers, body = await raw_http(base, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert status == 200 and len(body) == int(headers["Content-Length"]) > 0
+    status, _, _ = await raw_http(http_base(gateway.url), b"HEAD /session HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 405
+
+
 async def test_worker_health_and_readiness_follow_its_capacity(start_worker, connect):
     server, url = await start_worker(WorkerKind.STT, capacity=1)
     base = url.replace("ws://", "http://")

@@ -26,7 +26,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from stream import __version__, logs
-from stream.http import json_response, metrics_response, readiness_response
+from stream.http import get_and_head_only, json_response, metrics_response, readiness_response
 from stream.protocol import (
     DEFAULT_LIMITS,
     Auth,
@@ -111,7 +111,7 @@ class WorkerServer:
             self._handle,
             host,
             port,
-            process_request=self._http,
+            process_request=get_and_head_only(self._http),
             # One limit above the protocol's own, so that an oversized text
             # message gets a protocol error and only a truly huge frame makes
             # websockets close the connection (code 1009).
