@@ -107,3 +107,22 @@ async def test_media_input_is_refused(start_worker, connect):
     await job.send_audio(np.zeros(160, np.int16))
     with pytest.raises(JobFailed, match="bad_format"):
         [e async for e in job.events()]
+
+
+async def test_text_over_the_limit_is_refused_as_it_arrives_not_after_it_is_queued(start_worker, connect):
+    from tests.conftest import engine_for
+
+    engine = engine_for(WorkerKind.TTS, max_text_chars=1000)
+    server, url = await start_worker(WorkerKind.TTS, capacity=1, engine=engine, max_queue=1)
+    tts = await connect(url)
+    busy = await tts.start_job(TtsParams())  # holds the one slot: the next job waits, its text queued
+    await busy.send_text("Hello there, this keeps the worker busy for a moment.")
+    waiting = await tts.start_job(TtsParams())
+    for _ in range(4):
+        await waiting.send_text("." * 300)  # 1,200 characters: over the limit at the fourth piece
+    with pytest.raises(JobFailed) as info:
+        async with asyncio.timeout(10):  # refused while still waiting for a slot: not read, not spoken
+            [e async for e in waiting.events()]
+    assert info.value.code.value == "limit" and "1000 characters" in info.value.message
+    await busy.end()
+    assert [e async for e in busy.events() if isinstance(e, MediaFrame)]  # the busy job, and the link, are fine

@@ -25,6 +25,9 @@ class Engine(abc.ABC):
 
     def __init__(self, model: ModelFile) -> None:
         self.model = model
+        self.max_text_chars: int | None = None
+        """Text one job may send in all (``job.text``), counted by the server as it arrives,
+        before it is queued (``None``: only the protocol's message size limits it)."""
 
     @abc.abstractmethod
     async def run(self, job: Job) -> None:

@@ -62,6 +62,8 @@ class Job:
     """What the job is part of (the gateway's turn id), for log lines about it outside its task."""
     waiting: bool = True
     """Admitted and counted as waiting for a slot (``WorkerServer.admit``), until it runs or ends."""
+    text_received: int = 0
+    """Characters of text the job has been sent (``Engine.max_text_chars`` caps it on arrival)."""
     idle_input_s: float | None = None
     """How long :meth:`next_input` waits for the client before failing the job (``None``: for ever)."""
 

@@ -366,13 +366,18 @@ class WorkerSession:
         entry = self.jobs.get(job_id)
         if entry is None:
             return
+        job, limit = entry[0], self.server.engine.max_text_chars
+        if isinstance(item, TextInput) and limit is not None:
+            job.text_received += len(item.text)
+            if job.text_received > limit:  # refused as it arrives, never buffered first
+                raise ProtocolError(ErrorCode.LIMIT, f"more than {limit} characters of text", job_id)
         try:
-            entry[0].inputs.put_nowait(item)
+            job.inputs.put_nowait(item)
         except asyncio.QueueFull:
             # Never wait here: this loop reads every job's messages, and one job
             # that does not keep up must not stop the others (or its own job.end).
             raise ProtocolError(
-                ErrorCode.BUSY, f"the job fell {entry[0].inputs.maxsize} inputs behind; the worker is not keeping up", job_id
+                ErrorCode.BUSY, f"the job fell {job.inputs.maxsize} inputs behind; the worker is not keeping up", job_id
             ) from None
 
     async def _cancel(self, job_id: int) -> None:

@@ -70,6 +70,7 @@ class TtsEngine(Engine):
     def __init__(self, model: ModelFile, settings: TtsSettings) -> None:
         super().__init__(model)
         self.settings = settings
+        self.max_text_chars = settings.max_text_chars
         config_path = settings.config_path or f"{model.path}.json"
         if not Path(config_path).is_file():
             raise FileNotFoundError(f"piper voice config not found: {config_path}")
@@ -113,7 +114,9 @@ class TtsEngine(Engine):
         params: TtsParams = job.params
         config = SynthesisConfig(length_scale=params.length_scale)
         started = time.perf_counter()
-        received = len(params.text)
+        if len(params.text) > self.settings.max_text_chars:  # job.text pieces are counted on arrival (workers/server.py)
+            raise ProtocolError(ErrorCode.LIMIT, f"more than {self.settings.max_text_chars} characters of text", job.job_id)
+        job.text_received = len(params.text)
         units = [params.text] if params.text.strip() else []
         while True:
             for unit in units:
@@ -123,9 +126,6 @@ class TtsEngine(Engine):
                 break
             if not isinstance(item, TextInput):
                 raise ProtocolError(ErrorCode.BAD_FORMAT, "text-to-speech jobs take job.text, not media", job.job_id)
-            received += len(item.text)
-            if received > self.settings.max_text_chars:
-                raise ProtocolError(ErrorCode.LIMIT, f"more than {self.settings.max_text_chars} characters of text", job.job_id)
             units = [item.text] if item.text.strip() else []
         job.stats["audio_s"] = round(job.work_units, 3)
 
