@@ -164,7 +164,7 @@ class Gateway:
         try:
             file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
             found = file.is_relative_to(WEB_ROOT) and file.is_file()
-        except OSError:  # a name too long for the file system, say
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
             found = False
         if not found:
             return response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")

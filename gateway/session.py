@@ -188,6 +188,7 @@ class Session:
             while True:
                 frame = await track.recv()
                 if frame.width * frame.height > limit:
+                    self.latest_frame = None  # an older, smaller frame would show a scene that is gone
                     self.video_frames_dropped += 1
                     if self.video_frames_dropped == 1:
                         log.warning("camera frames of %dx%d dropped (max_video_pixels %d)", frame.width, frame.height, limit)

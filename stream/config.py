@@ -121,9 +121,10 @@ class GatewaySettings(_Section):
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_sessions_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
     """Sessions one client may hold at once: per token, or per address where no token is needed."""
-    max_video_pixels: Annotated[int, Field(ge=64 * 64, le=7680 * 4320)] = 1920 * 1080
+    max_video_pixels: Annotated[int, Field(ge=64 * 64, le=3840 * 2160)] = 1920 * 1080
     """Decoded camera frames larger than this are dropped, counted and reported once
-    (``video_too_large``): a 12000x8000 frame holds 144 MB and takes seconds to encode for vision."""
+    (``video_too_large``): a 12000x8000 frame holds 144 MB and takes seconds to encode for vision.
+    At most a 4K frame, the most the vision worker takes."""
     max_media_sections: Annotated[int, Field(ge=2, le=64)] = 4
     """Media sections (``m=`` lines) an offer may have, counted before aiortc parses it: each
     costs a decoder thread and ~1 ms of the event loop to parse (audio, video, data: 3)."""

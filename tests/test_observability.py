@@ -121,7 +121,7 @@ async def test_readiness_when_every_kind_is_there(gateway):
 async def test_the_page_server_answers_unknown_and_impossible_paths_with_404(gateway):
     base = http_base(gateway.url)
     assert (await http_get(f"{base}/"))[0] == 200
-    for path in ("/nope.html", "/" + "a" * 300, "/x/" + "b" * 5000 + ".js", "/../../etc/passwd"):
+    for path in ("/nope.html", "/" + "a" * 300, "/x/" + "b" * 5000 + ".js", "/../../etc/passwd", "/a%00b", "/a\x00b"):
         status, body = await http_get(f"{base}{path}")
         assert status == 404 and body.strip() == "not found", path
 

@@ -172,3 +172,20 @@ async def test_a_request_waits_for_the_prefill_of_its_context_instead_of_evaluat
     await asyncio.wait_for(asyncio.gather(drain(prefill), drain(answer)), 60)
     assert prefill.done.stats["prefilled"] > 500, prefill.done.stats
     assert answer.done.stats["prompt_tokens_reused"] >= prefill.done.stats["prompt_tokens"]
+
+
+def test_a_template_that_rewrites_message_text_still_renders_every_message(caplog):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from stream.protocol.jobs import ChatMessage
+    from workers.llm import ChatPrompt
+
+    engine = engine_for(WorkerKind.LLM)
+    prompt = ChatPrompt(engine._instances[0])
+    # Content passed through tojson: the placeholders come out escaped, so the words would be lost.
+    prompt._template = ImmutableSandboxedEnvironment().from_string(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | tojson }}<|im_end|>\n{% endfor %}"
+    )
+    messages = [engine.system, ChatMessage(role="user", content="Name a fruit.")]
+    text = engine._instances[0].detokenize(prompt.tokens(messages)).decode()
+    assert "Name a fruit." in text and "alters message content" in caplog.text

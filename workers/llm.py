@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import re
 import contextlib
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """Used when a GGUF carries no chat template of its own."""
+
+log = logging.getLogger("edgestream.worker")
 
 _DONE = object()
 PREFILL_CHUNK = 64
@@ -103,6 +106,7 @@ class ChatPrompt:
         self._template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
         self._bos = llm._model.token_get_text(llm.token_bos()) if llm.token_bos() >= 0 else ""
         self._eos = llm._model.token_get_text(llm.token_eos()) if llm.token_eos() >= 0 else ""
+        self._warned = False
 
     def tokens(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         placeholders = [f"\x00{i}\x00" for i in range(len(messages))]  # contents are never rendered: no collision
@@ -112,8 +116,20 @@ class ChatPrompt:
             bos_token=self._bos,
             eos_token=self._eos,
         )
+        parts = re.split("\x00([0-9]+)\x00", text)
+        if parts[1::2] != [str(i) for i in range(len(messages))]:
+            # A template that transforms or drops content (``| trim``, ``| tojson``): render
+            # the real text, and its control-token strings are read as control tokens.
+            if not self._warned:
+                log.warning("the chat template alters message content: messages are tokenized with the template")
+                self._warned = True
+            whole = self._template.render(
+                messages=[m.model_dump() for m in messages], add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos, eos_token=self._eos,
+            )
+            return self._text(whole, special=True)
         tokens: list[int] = []
-        for i, part in enumerate(re.split("\x00([0-9]+)\x00", text)):
+        for i, part in enumerate(parts):
             if i % 2:  # a message's content
                 tokens += self._text(messages[int(part)].content, special=False)
             elif part:  # the template's own text: its control tokens are real
@@ -220,7 +236,7 @@ class LlmEngine(Engine):
             keep = max(limit - overhead - 8, 1)
             text = self._instances[0].detokenize(content[-keep:]).decode("utf-8", errors="ignore")
             tokens = self._prompt.tokens([system, ChatMessage(role=last.role, content=text)])[-limit:]
-            cut = len(content) - keep
+            cut = max(0, len(content) - keep)
         return tokens, min(max_tokens, self.n_ctx - len(tokens)), dropped, cut
 
     def _with_system(self, messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -259,7 +275,7 @@ class LlmEngine(Engine):
             target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
         )
         started = time.perf_counter()
-        self._start_thread(thread)
+        self._start_thread(thread, llm)
         tokens = 0
         while (item := await pieces.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -339,19 +355,24 @@ class LlmEngine(Engine):
                 _to_loop(loop, self._release, llm)
 
         started = time.perf_counter()
-        self._start_thread(threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True))
         try:
+            self._start_thread(threading.Thread(target=evaluate, name=f"llm-prefill-{job.job_id}", daemon=True), llm)
             await done
         finally:
             self._filling.pop(job.job_id, None)
         job.count(0, time.perf_counter() - started)
         job.stats.update(prompt_tokens=len(tokens), prompt_tokens_reused=reused, prefilled=len(tokens) - reused)
 
-    def _start_thread(self, thread: threading.Thread) -> None:
-        """Start a thread that uses an instance; :meth:`close` waits for it (freeing a model under it crashes)."""
+    def _start_thread(self, thread: threading.Thread, llm: Llama) -> None:
+        """Start a thread that uses ``llm`` and hands it back; :meth:`close` waits for it (freeing a
+        model under it crashes). If the thread cannot start, ``llm`` is handed back here."""
         self._threads = {t for t in self._threads if t.is_alive()}
+        try:
+            thread.start()
+        except BaseException:
+            self._release(llm)
+            raise
         self._threads.add(thread)
-        thread.start()
 
     def close(self) -> None:
         # A cancelled job's thread stops at its next token or chunk: wait for it before freeing the model.

@@ -44,7 +44,7 @@ from stream import logs
 from stream.clauses import SpeechChunker
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
-from stream.protocol.jobs import LlmParams, SttParams, TtsParams, VisionParams, VisionResult
+from stream.protocol.jobs import ChatMessage, LlmParams, SttParams, TtsParams, VisionParams, VisionResult
 
 from .. import failover
 from ..events import (
@@ -223,6 +223,8 @@ class Conversation:
         """Jobs refused as busy, waiting to ask again."""
         self._look: _Work | None = None
         """The periodic look at the camera in flight."""
+        self._trimmed_prefilled: list[ChatMessage] | None = None
+        """The trimmed context last prefilled ahead (so it is not prefilled again once heard)."""
         self._prefilling: _Work | None = None
         """The prefill in flight (``LlmParams.prefill``): of the question being spoken, or of a trimmed history."""
         self._camera_at: float | None = None
@@ -825,8 +827,9 @@ class Conversation:
         ]
 
     def _remember(self, question: str, answer: str) -> None:
-        if self.history.remember(question, answer):
-            # The prompt's prefix changed: have it evaluated now, not when the next question waits for it.
+        if self.history.remember(question, answer) and self.history.context() != self._trimmed_prefilled:
+            # The prompt's prefix changed, and not as prefilled when the answer was complete
+            # (it was interrupted): have it evaluated now, not when the next question waits for it.
             self._prefill(self.history.context(), new_chars=sum(len(m.content) for m in self.history.context()))
 
     def _prefill_trimmed(self, answer: _Answer) -> None:
@@ -835,8 +838,8 @@ class Conversation:
         if not (answer.confirmed and answer.generated and answer.question):
             return
         context = self.history.context_if_trimmed(answer.question, answer.text)
-        if context is not None:
-            self._prefill(context, new_chars=sum(len(m.content) for m in context))
+        if context is not None and self._prefill(context, new_chars=sum(len(m.content) for m in context)):
+            self._trimmed_prefilled = context
 
     def _prefill_question(self, turn: _Turn, partial: str) -> None:
         """Have the LLM worker evaluate the question as heard so far, while the person still speaks.
@@ -848,10 +851,11 @@ class Conversation:
         if self.settings.prefill_while_speaking and question:
             self._prefill(self.history.prompt(question), new_chars=len(question) + self.history.new_chars())
 
-    def _prefill(self, messages: list, new_chars: int) -> None:
-        """One prefill at a time per conversation; one asked for while another runs is skipped."""
+    def _prefill(self, messages: list[ChatMessage], new_chars: int) -> bool:
+        """One prefill at a time per conversation; one asked for while another runs is skipped
+        (returns whether this one was sent)."""
         if self._prefilling is not None:
-            return
+            return False
         total = sum(len(m.content) for m in messages)
         placement = Placement(
             WorkerKind.LLM,
@@ -861,6 +865,7 @@ class Conversation:
         )
         self._prefilling = self._work(WorkerKind.LLM, LlmParams(messages=messages, max_tokens=1, prefill=True), placement, None)
         self._start(self._prefilling)
+        return True
 
     _handlers: dict[type, Callable[[Conversation, object], None]] = {
         SpeechStarted: _speech_started,
