@@ -102,3 +102,7 @@ def configure(format: LogFormat = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aioice").setLevel(logging.WARNING)
+    # websockets logs every connection's open and close (and every failed handshake) at INFO:
+    # three lines for each refused signaling connection, thousands under a slowloris. What
+    # matters about a connection is logged by the gateway or worker itself, once.
+    logging.getLogger("websockets.server").setLevel(logging.WARNING)

@@ -220,3 +220,33 @@ def test_text_log_lines_end_with_the_ids():
     with logs.bound(session="abc", turn="abc.2"):
         record = logging.getLogger("edgestream.test").makeRecord("edgestream.test", logging.INFO, __file__, 1, "hello %s", ("there",), None)
     assert formatter.format(record).endswith("edgestream.test: hello there [session=abc turn=abc.2]")
+
+
+REFUSE_ONCE = """
+import asyncio, websockets
+from gateway.server import Gateway
+from stream import logs
+from stream.config import GatewaySettings
+
+async def main():
+    logs.configure("text", "info")
+    gateway = Gateway(GatewaySettings(port=0), {})
+    port = await gateway.start("127.0.0.1", 0)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/session") as ws:
+        await ws.send("not json")
+        await ws.recv()
+        await ws.wait_closed()
+    await gateway.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_refused_signaling_connection_logs_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REFUSE_ONCE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    about_it = [line for line in done.stderr.splitlines() if "connection" in line or "refused" in line]
+    assert len(about_it) == 1 and "refused: malformed" in about_it[0], done.stderr
