@@ -79,6 +79,8 @@ class Session:
         )
         self.latest_frame: av.VideoFrame | None = None
         self.video_frames = 0
+        self._audio_at = time.monotonic()
+        """When the last audio frame arrived."""
         self.video_frames_dropped = 0
         """Camera frames above ``max_video_pixels`` (reported to the client once)."""
         self.audio_frames = 0
@@ -116,6 +118,7 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
             self._spawn(self._ingest_audio(track))
+            self._spawn(self._watch_microphone())
         elif track.kind == "video":
             self._spawn(self._keep_latest_frame(track))
 
@@ -155,32 +158,37 @@ class Session:
         arrival = ArrivalLag()
         try:
             while True:
-                try:
-                    async with asyncio.timeout(MIC_GAP_S if self.turns.speaking else None):
-                        frame = await track.recv()
-                except TimeoutError:
-                    self._end_turn_without_audio()
-                    continue
+                frame = await track.recv()
                 self.audio_frames += 1
-                lag, lost = arrival.arrived(frame.pts, frame.samples, frame.sample_rate, time.monotonic())
+                self._audio_at = time.monotonic()
+                lag, lost = arrival.arrived(frame.pts, frame.samples, frame.sample_rate, self._audio_at)
                 self.metrics.ingest_lag_seconds.observe(lag)
                 self.metrics.audio_frames.inc()
                 if lost:
                     self.metrics.audio_frames_lost.inc(lost)
                 for out in resampler.resample(frame):
-                    for event in self.turns.push(out.to_ndarray().reshape(-1)):
-                        self.runner.handle(event)
+                    self._hear(out.to_ndarray().reshape(-1))
         except MediaStreamError:
             pass
 
-    def _end_turn_without_audio(self) -> None:
-        """The microphone went quiet mid-turn (no packets at all, not silence): the turn detector
-        counts time in received audio and would wait for ever, holding the turn's STT job. It
-        hears the silence that did not come instead, and the turn ends as if the person had paused."""
-        log.info("no audio for %g s in a turn: it ends as if the person stopped speaking", MIC_GAP_S)
-        silence = np.zeros(int(STT_SAMPLE_RATE * (self.settings.end_silence_ms / 1000 + MIC_GAP_S)), np.int16)
-        for event in self.turns.push(silence):
+    def _hear(self, samples: np.ndarray) -> None:
+        """16 kHz audio into turn taking, and what it decides into the conversation."""
+        for event in self.turns.push(samples):
             self.runner.handle(event)
+
+    async def _watch_microphone(self) -> None:
+        """A microphone that goes quiet mid-turn (no packets at all, not silence) ends the turn.
+
+        The turn detector counts time in received audio and would wait for
+        ever, holding the turn's STT job; it hears the silence that did not
+        come instead, and the turn ends as if the person had paused. A check
+        a few times a second, not a timer per frame.
+        """
+        while True:
+            await asyncio.sleep(MIC_GAP_S / 4)
+            if self.turns.speaking and time.monotonic() - self._audio_at >= MIC_GAP_S:
+                log.info("no audio for %g s in a turn: it ends as if the person stopped speaking", MIC_GAP_S)
+                self._hear(np.zeros(int(STT_SAMPLE_RATE * (self.settings.end_silence_ms / 1000 + MIC_GAP_S)), np.int16))
 
     async def _keep_latest_frame(self, track: MediaStreamTrack) -> None:
         limit = self.settings.max_video_pixels

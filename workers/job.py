@@ -67,6 +67,12 @@ class Job:
     idle_input_s: float | None = None
     """How long :meth:`next_input` waits for the client before failing the job (``None``: for ever)."""
 
+    def count_text(self, chars: int, limit: int | None) -> None:
+        """``chars`` more characters of text came for the job; over ``limit`` in all, it is refused."""
+        self.text_received += chars
+        if limit is not None and self.text_received > limit:
+            raise ProtocolError(ErrorCode.LIMIT, f"more than {limit} characters of text", self.job_id)
+
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()

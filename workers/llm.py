@@ -110,12 +110,7 @@ class ChatPrompt:
 
     def tokens(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         placeholders = [f"\x00{i}\x00" for i in range(len(messages))]  # contents are never rendered: no collision
-        text = self._template.render(
-            messages=[{"role": m.role, "content": p} for m, p in zip(messages, placeholders, strict=True)],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._bos,
-            eos_token=self._eos,
-        )
+        text = self._render([{"role": m.role, "content": p} for m, p in zip(messages, placeholders, strict=True)], add_generation_prompt)
         parts = re.split("\x00([0-9]+)\x00", text)
         if parts[1::2] != [str(i) for i in range(len(messages))]:
             # A template that transforms or drops content (``| trim``, ``| tojson``): render
@@ -123,11 +118,7 @@ class ChatPrompt:
             if not self._warned:
                 log.warning("the chat template alters message content: messages are tokenized with the template")
                 self._warned = True
-            whole = self._template.render(
-                messages=[m.model_dump() for m in messages], add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos, eos_token=self._eos,
-            )
-            return self._text(whole, special=True)
+            return self._text(self._render([m.model_dump() for m in messages], add_generation_prompt), special=True)
         tokens: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:  # a message's content
@@ -135,6 +126,11 @@ class ChatPrompt:
             elif part:  # the template's own text: its control tokens are real
                 tokens += self._text(part, special=True)
         return tokens
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._bos, eos_token=self._eos
+        )
 
     def _text(self, text: str, special: bool) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)

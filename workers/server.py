@@ -366,11 +366,9 @@ class WorkerSession:
         entry = self.jobs.get(job_id)
         if entry is None:
             return
-        job, limit = entry[0], self.server.engine.max_text_chars
-        if isinstance(item, TextInput) and limit is not None:
-            job.text_received += len(item.text)
-            if job.text_received > limit:  # refused as it arrives, never buffered first
-                raise ProtocolError(ErrorCode.LIMIT, f"more than {limit} characters of text", job_id)
+        job = entry[0]
+        if isinstance(item, TextInput):
+            job.count_text(len(item.text), self.server.engine.max_text_chars)  # refused as it arrives, never queued first
         try:
             job.inputs.put_nowait(item)
         except asyncio.QueueFull:

@@ -114,9 +114,7 @@ class TtsEngine(Engine):
         params: TtsParams = job.params
         config = SynthesisConfig(length_scale=params.length_scale)
         started = time.perf_counter()
-        if len(params.text) > self.settings.max_text_chars:  # job.text pieces are counted on arrival (workers/server.py)
-            raise ProtocolError(ErrorCode.LIMIT, f"more than {self.settings.max_text_chars} characters of text", job.job_id)
-        job.text_received = len(params.text)
+        job.count_text(len(params.text), self.max_text_chars)  # job.text pieces are counted as they arrive (workers/server.py)
         units = [params.text] if params.text.strip() else []
         while True:
             for unit in units:

@@ -827,10 +827,10 @@ class Conversation:
         ]
 
     def _remember(self, question: str, answer: str) -> None:
-        if self.history.remember(question, answer) and self.history.context() != self._trimmed_prefilled:
+        if self.history.remember(question, answer) and (context := self.history.context()) != self._trimmed_prefilled:
             # The prompt's prefix changed, and not as prefilled when the answer was complete
             # (it was interrupted): have it evaluated now, not when the next question waits for it.
-            self._prefill(self.history.context(), new_chars=sum(len(m.content) for m in self.history.context()))
+            self._prefill(context)
 
     def _prefill_trimmed(self, answer: _Answer) -> None:
         """A confirmed answer, complete, that will trim the history: evaluate the trimmed
@@ -838,7 +838,7 @@ class Conversation:
         if not (answer.confirmed and answer.generated and answer.question):
             return
         context = self.history.context_if_trimmed(answer.question, answer.text)
-        if context is not None and self._prefill(context, new_chars=sum(len(m.content) for m in context)):
+        if context is not None and self._prefill(context):
             self._trimmed_prefilled = context
 
     def _prefill_question(self, turn: _Turn, partial: str) -> None:
@@ -851,12 +851,14 @@ class Conversation:
         if self.settings.prefill_while_speaking and question:
             self._prefill(self.history.prompt(question), new_chars=len(question) + self.history.new_chars())
 
-    def _prefill(self, messages: list[ChatMessage], new_chars: int) -> bool:
+    def _prefill(self, messages: list[ChatMessage], new_chars: int | None = None) -> bool:
         """One prefill at a time per conversation; one asked for while another runs is skipped
-        (returns whether this one was sent)."""
+        (returns whether this one was sent). ``new_chars``: what the warm worker has not seen
+        (``None``: all of it, a changed prefix)."""
         if self._prefilling is not None:
             return False
         total = sum(len(m.content) for m in messages)
+        new_chars = total if new_chars is None else new_chars
         placement = Placement(
             WorkerKind.LLM,
             size=job_size(WorkerKind.LLM, prompt_chars=total),
