@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 
@@ -41,3 +42,73 @@ class TokenBucket:
         self._last_refused = now
         self.refused += 1
         return False
+
+
+class PendingConnections:
+    """Signaling connections that are open but have not sent their offer yet, capped.
+
+    Each costs a socket (a file descriptor) and a task for up to the offer
+    timeout (10 s), so an address that opens them without ever offering could
+    hold every descriptor the process has. :meth:`admit` refuses a connection
+    above ``per_address`` pending from its address or ``total`` in all; what
+    it admitted is counted until :meth:`done`. Worst case held: ``total``
+    sockets and tasks (tens of KB each).
+    """
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = total
+        self.per_address = per_address
+        self._address_of: dict[object, str] = {}
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._address_of)
+
+    def refusal(self, address: str) -> str | None:
+        """Why a new connection from ``address`` is refused now, or ``None`` if it is not."""
+        if self._count[address] >= self.per_address:
+            return f"{address} has {self.per_address} signaling connections waiting for their offer already (the most per address)"
+        if len(self._address_of) >= self.total:
+            return f"{self.total} signaling connections are waiting for their offer already (the most in all)"
+        return None
+
+    def admit(self, key: object, address: str) -> str | None:
+        """Count ``key`` as pending from ``address``; or the refusal, counting nothing."""
+        refusal = self.refusal(address)
+        if refusal is None:
+            self._address_of[key] = address
+            self._count[address] += 1
+        return refusal
+
+    def done(self, key: object) -> None:
+        """``key`` sent its offer or closed (again: nothing)."""
+        address = self._address_of.pop(key, None)
+        if address is None:
+            return
+        self._count[address] -= 1
+        if self._count[address] <= 0:
+            del self._count[address]
+
+    def keys(self) -> list[object]:
+        return list(self._address_of)
+
+
+class ClientRates:
+    """One :class:`TokenBucket` per client (a token's name or an address), for at most
+    ``max_clients`` clients: the one heard from least recently is forgotten first (its
+    bucket starts full again), so memory is bounded whatever the number of addresses."""
+
+    def __init__(self, per_minute: float, max_clients: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def allow(self, client: str) -> bool:
+        bucket = self._buckets.pop(client, None)
+        if bucket is None:
+            bucket = TokenBucket(self.per_minute / 60, self.per_minute, self.clock)
+        self._buckets[client] = bucket  # now the most recent
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return bucket.allow()

@@ -9,11 +9,14 @@ Signaling (JSON text messages on ``ws://HOST:PORT/session``, ``wss://`` with TLS
   always has one.
 - gateway -> client: ``{"type": "answer", "sdp": "...", "session_id": "..."}``,
   or ``{"type": "error", "code": "...", "message": "..."}`` and a close.
-  Refusal codes: ``timeout``, ``malformed``, ``unauthorized``,
-  ``too_many_sessions``, ``too_many_client_sessions``, ``bad_offer``; a
+  Refusal codes: ``timeout``, ``malformed``, ``unauthorized``, ``rate_limited``
+  (``offers_per_minute``), ``too_many_sessions``, ``too_many_client_sessions``,
+  ``bad_offer``; a
   live session may end with ``ice_timeout``, ``connection_failed``,
   ``token_revoked`` or ``shutting_down``. A message over 64 KiB closes the
-  socket with code 1009.
+  socket with code 1009. A connection above ``max_pending_signaling`` (in all,
+  or ``..._per_address``) still waiting for its offer is refused at the
+  handshake: HTTP 503, ``too_many_pending: ...``.
 
 The session lives as long as this WebSocket: closing it ends the session, and
 the gateway closes it (with an ``error`` first) when ICE does not complete in
@@ -37,12 +40,14 @@ from pathlib import Path
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from stream import keys, logs, tls
 from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
 from stream.http import get_and_head_only, json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
 
+from .limits import ClientRates, PendingConnections, TokenBucket
 from .metrics import GatewayMetrics
 from .selection import POLICIES
 from .session import BadOffer, Session
@@ -60,6 +65,12 @@ TOKEN_CHECK_INTERVAL_S = 1.0
 # (a module script with the wrong type does not run).
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
+
+REFUSALS_LOGGED_PER_S = 1.0
+"""Refusals logged a second, in bursts of ``REFUSALS_LOGGED_BURST``; the rest are counted
+(``edgestream_errors_total``) and summed up in the next line logged: a flood of connections
+cannot flood the log."""
+REFUSALS_LOGGED_BURST = 10
 
 CLOSE_STEP_S = 10.0
 """How long each step of stopping the gateway may take."""
@@ -95,6 +106,10 @@ class Gateway:
         self._server: Server | None = None
         self._token_watch: asyncio.Task[None] | None = None
         self._closing = False
+        self.pending = PendingConnections(settings.max_pending_signaling, settings.max_pending_signaling_per_address)
+        self._offer_rates = ClientRates(settings.offers_per_minute)
+        self._refusal_log = TokenBucket(REFUSALS_LOGGED_PER_S, REFUSALS_LOGGED_BURST)
+        self._refusals_unlogged = 0
         self.discovery = None
         if settings.loopback_ice:
             from .loopback import allow_loopback_ice
@@ -150,7 +165,7 @@ class Gateway:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/session":
-            return None  # the WebSocket handshake goes on
+            return self._admit_signaling(connection)  # None: the WebSocket handshake goes on
         if path == "/metrics":
             return metrics_response(self.metrics.registry)
         if path in ("/healthz", "/readyz"):
@@ -173,11 +188,27 @@ class Gateway:
 
     # -- signaling ---------------------------------------------------------------------
 
+    def _admit_signaling(self, connection: ServerConnection) -> Response | None:
+        """Count a new signaling connection as pending until its offer, or refuse it (HTTP 503)."""
+        address = str(connection.remote_address[0]) if connection.remote_address else "?"
+        if self.pending.refusal(address) is not None:
+            for key in self.pending.keys():  # a handshake that failed never reached _handle
+                if key.state is State.CLOSED:  # type: ignore[attr-defined]
+                    self.pending.done(key)
+        refusal = self.pending.admit(connection, address)
+        if refusal is None:
+            return None
+        self._log_refusal(address, "too_many_pending", refusal)
+        return response(HTTPStatus.SERVICE_UNAVAILABLE, f"too_many_pending: {refusal}\n".encode(), "text/plain")
+
     async def _handle(self, websocket: ServerConnection) -> None:
         peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"
         try:
             async with asyncio.timeout(OFFER_TIMEOUT_S):
-                raw = await websocket.recv()
+                try:
+                    raw = await websocket.recv()
+                finally:
+                    self.pending.done(websocket)
             offer = json.loads(raw)
             if not isinstance(offer, dict) or offer.get("type") != "offer" or not isinstance(offer.get("sdp"), str):
                 raise ValueError('expected {"type": "offer", "sdp": "..."}')
@@ -198,6 +229,10 @@ class Gateway:
         if client is None:
             reason = "this gateway needs a token (offer.token)" if not offer.get("token") else "unknown or revoked token"
             await self._refuse(websocket, "unauthorized", reason, peer)
+            return
+        if not self._offer_rates.allow(client):
+            limit = self.settings.offers_per_minute
+            await self._refuse(websocket, "rate_limited", f"client {client} made more than {limit:g} offers in a minute; wait a little", peer)
             return
         if len(self.sessions) >= self.settings.max_sessions:
             await self._refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
@@ -276,9 +311,17 @@ class Gateway:
                     session.end_reason = ("token_revoked", "this session's token was revoked")
                     await session.close()
 
-    async def _refuse(self, websocket: ServerConnection, code: str, message: str, who: str) -> None:
-        log.warning("signaling %s refused: %s: %s", who, code, message)
+    def _log_refusal(self, who: str, code: str, message: str) -> None:
         self.metrics.errors.labels(code).inc()
+        if not self._refusal_log.allow():
+            self._refusals_unlogged += 1
+            return
+        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+        more = f" ({unlogged} more refusals since the last line)" if unlogged else ""
+        log.warning("signaling %s refused: %s: %s%s", who, code, message, more)
+
+    async def _refuse(self, websocket: ServerConnection, code: str, message: str, who: str) -> None:
+        self._log_refusal(who, code, message)
         with contextlib.suppress(websockets.ConnectionClosed):
             await websocket.send(json.dumps({"type": "error", "code": code, "message": message}))
             await websocket.close(1008 if code != "timeout" else 1000, code)

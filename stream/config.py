@@ -121,6 +121,15 @@ class GatewaySettings(_Section):
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_sessions_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
     """Sessions one client may hold at once: per token, or per address where no token is needed."""
+    max_pending_signaling: Annotated[int, Field(ge=1, le=100_000)] = 64
+    """Signaling connections open without an offer yet, in all (more are refused at the
+    handshake with HTTP 503): each holds a socket and a task for up to 10 s."""
+    max_pending_signaling_per_address: Annotated[int, Field(ge=1, le=100_000)] = 8
+    """The same, from one address: one host cannot take every socket the gateway has."""
+    offers_per_minute: Annotated[float, Field(gt=0, le=100_000)] = 30
+    """Offers one client (token, or address) may make a minute, in bursts of as many (more are
+    refused with ``rate_limited`` before anything parses them): an offer costs ~1-5 ms of the
+    event loop and a peer connection being set up."""
     max_video_pixels: Annotated[int, Field(ge=64 * 64, le=3840 * 2160)] = 1920 * 1080
     """Decoded camera frames larger than this are dropped, counted and reported once
     (``video_too_large``): a 12000x8000 frame holds 144 MB and takes seconds to encode for vision.

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 import websockets
 
-from gateway.limits import TokenBucket
+from gateway.limits import ClientRates, PendingConnections, TokenBucket
 from gateway.server import Gateway
 from gateway.session import CLIENT_MESSAGE_BURST
 from gateway.turns import SpeechAudio, SpeechEnded, SpeechStarted, TurnDetector, TurnSettings
@@ -199,3 +199,80 @@ async def test_an_oversized_signaling_message_closes_only_that_socket(limited_ga
     session = await GatewaySession.connect(limited_gateway.url, loopback_ice=True)
     assert session.connected
     await session.close()
+
+
+def test_pending_connections_are_capped_per_address_and_in_all():
+    pending = PendingConnections(total=4, per_address=2)
+    assert pending.admit("a1", "10.0.0.1") is None and pending.admit("a2", "10.0.0.1") is None
+    assert "per address" in pending.admit("a3", "10.0.0.1")
+    assert pending.admit("b1", "10.0.0.2") is None and pending.admit("b2", "10.0.0.2") is None
+    assert "in all" in pending.admit("c1", "10.0.0.3")
+    assert len(pending) == 4  # refusals count nothing
+    pending.done("a1")
+    pending.done("a1")  # twice: nothing more
+    assert len(pending) == 3 and pending.admit("c1", "10.0.0.3") is None
+    assert "in all" in pending.admit("d1", "10.0.0.4")
+    pending.done("b1")
+    assert pending.admit("a3", "10.0.0.1") is None and "per address" in pending.admit("a4", "10.0.0.1")
+
+
+def test_offer_rates_are_per_client_and_memory_is_bounded():
+    now = [0.0]
+    rates = ClientRates(per_minute=3, max_clients=2, clock=lambda: now[0])
+    assert [rates.allow("x") for _ in range(4)] == [True, True, True, False]
+    assert rates.allow("y")  # another client is not affected
+    now[0] += 20  # a third of a minute: one offer back
+    assert rates.allow("x") and not rates.allow("x")
+    for n in range(100):
+        rates.allow(f"spoofed-{n}")
+    assert len(rates._buckets) == 2
+
+
+def _from(address: str) -> dict:
+    """``websockets.connect`` options for a connection from ``address`` (any of 127.0.0.0/8 on loopback)."""
+    return {"local_addr": (address, 0), "open_timeout": 5}
+
+
+async def test_idle_signaling_connections_are_capped_and_a_real_client_gets_in(workers):
+    _, urls = workers
+    settings = GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, max_pending_signaling=5, max_pending_signaling_per_address=3)
+    gateway = Gateway(settings, urls)
+    port = await gateway.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/session"
+    async with contextlib.AsyncExitStack() as stack:
+        idle = [await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.2"))) for _ in range(3)]
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, **_from("127.0.0.2"))
+        assert refused.value.response.status_code == 503 and b"too_many_pending" in refused.value.response.body
+        session = await GatewaySession.connect(url, loopback_ice=True)  # another address still gets in
+        try:
+            assert session.connected and len(gateway.pending) == 3  # an offer made is not pending
+            idle += [await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.3"))) for _ in range(2)]
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(url, **_from("127.0.0.4"))
+            assert b"in all" in refused.value.response.body
+            await idle[0].close()  # a closed connection frees its place
+            await wait_until(lambda: len(gateway.pending) == 4, timeout=5)
+            idle.append(await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.4"))))
+            assert session.connected and gateway.metrics.errors.labels("too_many_pending")._value.get() == 2
+        finally:
+            await session.close()
+    await wait_until(lambda: len(gateway.pending) == 0, timeout=5)
+    await gateway.close()
+
+
+async def test_offers_over_the_rate_are_refused_before_parsing_and_other_clients_go_on(workers):
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, offers_per_minute=3), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/session"
+    codes = []
+    for _ in range(5):
+        async with websockets.connect(url, **_from("127.0.0.2")) as websocket:
+            await websocket.send(json.dumps({"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}))
+            codes.append(json.loads(await asyncio.wait_for(websocket.recv(), 10))["code"])
+    assert codes == ["bad_offer"] * 3 + ["rate_limited"] * 2
+    session = await GatewaySession.connect(url, loopback_ice=True)
+    assert session.connected
+    await session.close()
+    await gateway.close()

@@ -222,8 +222,8 @@ def test_text_log_lines_end_with_the_ids():
     assert formatter.format(record).endswith("edgestream.test: hello there [session=abc turn=abc.2]")
 
 
-REFUSE_ONCE = """
-import asyncio, websockets
+REFUSE = """
+import asyncio, sys, websockets
 from gateway.server import Gateway
 from stream import logs
 from stream.config import GatewaySettings
@@ -232,21 +232,33 @@ async def main():
     logs.configure("text", "info")
     gateway = Gateway(GatewaySettings(port=0), {})
     port = await gateway.start("127.0.0.1", 0)
-    async with websockets.connect(f"ws://127.0.0.1:{port}/session") as ws:
-        await ws.send("not json")
-        await ws.recv()
-        await ws.wait_closed()
+    for _ in range(int(sys.argv[1])):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/session") as ws:
+            await ws.send("not json")
+            await ws.recv()
+            await ws.wait_closed()
     await gateway.close()
 
 asyncio.run(main())
 """
 
 
-def test_a_refused_signaling_connection_logs_one_line():
+def _refusal_lines(connections: int) -> list[str]:
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", REFUSE_ONCE], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", REFUSE, str(connections)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    about_it = [line for line in done.stderr.splitlines() if "connection" in line or "refused" in line]
-    assert len(about_it) == 1 and "refused: malformed" in about_it[0], done.stderr
+    return [line for line in done.stderr.splitlines() if "connection" in line or "refused" in line]
+
+
+def test_a_refused_signaling_connection_logs_one_line():
+    about_it = _refusal_lines(1)
+    assert len(about_it) == 1 and "refused: malformed" in about_it[0], about_it
+
+
+def test_a_flood_of_refused_connections_does_not_flood_the_log():
+    from gateway.server import REFUSALS_LOGGED_BURST
+
+    about_it = _refusal_lines(40)  # well under 4 s: the rate lets few more through than the burst
+    assert REFUSALS_LOGGED_BURST <= len(about_it) < 25, about_it
