@@ -70,6 +70,16 @@ class Latency(_Event):
     workers: dict[str, str] = {}
 
 
+class Waiting(_Event):
+    """Every worker of ``kind`` is full: the turn waits for one (up to ``wait_s``) instead of failing."""
+
+    type: Literal["waiting"] = "waiting"
+    kind: str
+    turn: int | None = None
+    wait_s: float
+    message: str
+
+
 class ErrorEvent(_Event):
     type: Literal["error"] = "error"
     code: str
@@ -77,4 +87,4 @@ class ErrorEvent(_Event):
     turn: int | None = None
 
 
-Event = SessionReady | TranscriptPartial | TranscriptFinal | VisionText | AnswerToken | AnswerDone | BargeIn | Latency | ErrorEvent
+Event = SessionReady | TranscriptPartial | TranscriptFinal | VisionText | AnswerToken | AnswerDone | BargeIn | Latency | Waiting | ErrorEvent

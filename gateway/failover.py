@@ -19,8 +19,9 @@ tried yet for it) and carries on from where the lost one was:
 
 A job moves only for the worker's faults (a lost link, a stall, an internal
 error); a job the worker refused as invalid would be refused anywhere. A
-worker that is full (``busy``) is not at fault: the job waits a little and
-asks again (any worker, that one included), for up to ``BUSY_WAIT_S``.
+worker that is full (``busy``) is not at fault: the job waits in line for a
+slot (``gateway/admission.py``) and asks again (any worker, that one
+included), for up to ``busy_wait_s``; the client hears ``waiting``.
 
 The deadline (:class:`Watchdog`): a job that owes output (a transcript after
 a flush or the end of the utterance, the next token, the audio of a piece
@@ -44,8 +45,8 @@ WORKER_FAULTS = frozenset({ErrorCode.INTERNAL.value})
 """Error codes that are the worker's fault, not the job's (a lost link or a stall is reported as ``internal``)."""
 
 BUSY = ErrorCode.BUSY.value
-BUSY_WAIT_S = 5.0
-"""How long a job keeps asking full workers before the turn reports an error."""
+BUSY_WAIT_S = 10.0
+"""How long a job keeps asking full workers before the turn reports an error (the default of ``busy_wait_s``)."""
 
 STALL_PATIENCE = 4
 """Deadlines a job waits on a slow worker when there is no other worker to move it to."""
@@ -56,10 +57,11 @@ def fails_over(code: str, workers_tried: int) -> bool:
     return code in WORKER_FAULTS and workers_tried < MAX_WORKERS_PER_JOB
 
 
-def busy_retry_in(retries: int, waited_s: float) -> float | None:
-    """Seconds until a job refused as ``busy`` asks again (50 ms, doubling to 400 ms), or
-    ``None`` once it has waited ``BUSY_WAIT_S``."""
-    if waited_s >= BUSY_WAIT_S:
+def busy_retry_in(retries: int, waited_s: float, wait_s: float = BUSY_WAIT_S) -> float | None:
+    """Seconds until a job refused as ``busy`` asks again on its own (50 ms, doubling to 400 ms),
+    or ``None`` once it has waited ``wait_s``. (A slot freed by this gateway wakes it sooner:
+    ``gateway/admission.py``.)"""
+    if waited_s >= wait_s:
         return None
     return min(0.05 * 2**retries, 0.4)
 

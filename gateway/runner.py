@@ -30,7 +30,7 @@ from stream.protocol import MediaFormat
 
 from .conversation import Conversation
 from .conversation import commands as cmd
-from .conversation.inputs import CameraFrame, Input, JobRef, Playing, PlayoutIdle, Tick
+from .conversation.inputs import CameraFrame, Input, JobRef, LineFull, Playing, PlayoutIdle, Tick, WorkerFreed
 from .events import ErrorEvent, Event
 from .metrics import GatewayMetrics
 from .playout import SAMPLE_RATE as PLAYOUT_RATE
@@ -73,6 +73,8 @@ class ConversationRunner:
         self._queue: list[Input] = []
         self._handling = False
         self._closed = False
+        self._tickets: set[JobRef] = set()
+        """This conversation's places in the pool's waiting lines."""
         self.handle(Tick())  # arms the conversation's own timers
 
     @property
@@ -134,6 +136,15 @@ class ConversationRunner:
             job = self.jobs.get(command.job)
             if job is not None:
                 job.send(command)
+        elif isinstance(command, cmd.WaitForWorker):
+            line = self.pool.waiting[command.kind]
+            if line.join(command.ticket, command.since, lambda ticket=command.ticket: self._wake(ticket)):
+                self._tickets.add(command.ticket)
+            else:
+                self.handle(LineFull(command.ticket, len(line)))
+        elif isinstance(command, cmd.StopWaiting):
+            self.pool.waiting[command.kind].leave(command.ticket)
+            self._tickets.discard(command.ticket)
         elif isinstance(command, cmd.Play):
             self.answer_track.write(command.turn, command.piece, self._to_playout(command))
         elif isinstance(command, cmd.Unplay):
@@ -153,6 +164,14 @@ class ConversationRunner:
             self.metrics.failovers.labels(command.kind.value).inc()
         elif isinstance(command, cmd.ObserveStages):
             self.metrics.observe_stages(command.marks)
+
+    def _wake(self, ticket: JobRef) -> bool:
+        """The pool's line says a slot may be free for ``ticket``; ``False``: it no longer waits."""
+        if self._closed or ticket not in self._tickets:
+            return False
+        self._tickets.discard(ticket)
+        self.handle(WorkerFreed(ticket))
+        return True
 
     def _to_playout(self, play: cmd.Play):
         """``play``'s samples at 48 kHz, through one resampler per answer (its filter state carries on)."""

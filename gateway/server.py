@@ -52,7 +52,7 @@ from .metrics import GatewayMetrics
 from .selection import POLICIES
 from .session import BadOffer, Session
 from .tokens import TokenChecker
-from .worker_pool import WorkerPool
+from .worker_pool import PoolSettings, WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
 
@@ -96,6 +96,7 @@ class Gateway:
         self.pool = WorkerPool(
             worker_urls,
             policy=POLICIES[settings.selection](),
+            settings=PoolSettings(max_waiting_jobs=settings.max_waiting_jobs),
             metrics=self.metrics,
             key=key,
             ssl_context=tls.client_context(security.tls_ca or None),

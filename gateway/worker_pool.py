@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from stream.protocol import ErrorCode, WorkerKind
 from stream.worker_client import JobFailed, WorkerClient
 
+from .admission import WaitingLine
 from .metrics import GatewayMetrics
 from .selection import Job, LatencyAware, Policy, WorkerEstimate
 
@@ -60,6 +61,8 @@ class PoolSettings:
     stable_after_s: float = 10.0
     """A link that lived this long resets the backoff; shorter ones count as flaps."""
     connect_timeout_s: float = 3.0
+    max_waiting_jobs: int = 64
+    """Jobs of one kind that may wait for a worker with room (``gateway/admission.py``)."""
 
 
 class PooledWorker:
@@ -224,6 +227,7 @@ class Lease:
             self._open = False
             self.member.estimate.in_flight.pop(self.id, None)
             self.pool.metrics.jobs.labels(self.member.kind.value, self.worker_id, outcome).inc()
+            self.pool.waiting[self.member.kind].freed()
 
     def fail(self, reason: str, *, stalled: bool = False) -> None:
         """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back).
@@ -259,6 +263,8 @@ class WorkerPool:
         self.settings = settings or PoolSettings()
         self.clock = clock
         self.members: dict[str, PooledWorker] = {}
+        self.waiting = {kind: WaitingLine(self.settings.max_waiting_jobs) for kind in WorkerKind}
+        """Jobs refused as ``busy``, by kind: a job of that kind that ends here wakes the longest waiting."""
         self._flaps: dict[str, int] = {}
         """Backoff of workers that left, kept so that one that keeps coming and going stays damped."""
         self._started = False

@@ -316,6 +316,9 @@ async def test_three_people_speaking_at_once_on_two_stt_slots_are_all_answered(s
         done = await asyncio.gather(*(s.wait_event("answer.done", timeout=90) for s in sessions))
         assert all(d["text"].strip() for d in done)
         assert not any(e["type"] == "error" and e["code"] != "answer_truncated" for s in sessions for e in s.events)
+        waited = [e for s in sessions for e in s.events if e["type"] == "waiting" and e["kind"] == "stt"]
+        assert waited and "busy" in waited[0]["message"]  # the one who waited was told
+        assert not any(len(line) for line in gateway.pool.waiting.values())
         # Still hearing: a second round on the same sessions.
         await asyncio.gather(*(s.say(with_silence(speak("Thank you.")), 16000) for s in sessions))
         await asyncio.gather(*(s.wait_event("transcript.final", timeout=60, turn=2) for s in sessions))

@@ -136,12 +136,23 @@ function render(event) {
       view.you.textContent = event.text || "(nothing heard)";
       view.you.classList.remove("partial");
       break;
+    case "waiting":
+      // Every worker of a kind is full: the turn waits in line instead of failing.
+      view.answer.hidden = false;
+      view.answer.classList.add("waiting");
+      view.answer.textContent = `Busy: waiting for a free ${KIND_NAMES[event.kind] ?? event.kind} worker…`;
+      break;
     case "answer.token":
       view.answer.hidden = false;
+      if (view.answer.classList.contains("waiting")) {
+        view.answer.classList.remove("waiting");
+        view.answer.textContent = "";
+      }
       view.answer.textContent += event.text;
       break;
     case "answer.done":
       view.answer.hidden = false;
+      view.answer.classList.remove("waiting");
       view.answer.textContent = event.text;
       if (event.interrupted) view.answer.insertAdjacentHTML("beforeend", ' <span class="cut">(interrupted)</span>');
       if (event.truncated) view.answer.insertAdjacentHTML("beforeend", ' <span class="cut">(cut at the length limit)</span>');

@@ -18,7 +18,8 @@
  *
  * Events are the gateway's data-channel events (README, "Signaling and
  * events"): `session.ready`, `transcript.partial`, `transcript.final`,
- * `vision`, `answer.token`, `answer.done`, `barge_in`, `latency`, `error`.
+ * `vision`, `answer.token`, `answer.done`, `barge_in`, `latency`, `waiting`
+ * (every worker of a kind is full; the turn waits for one), `error`.
  * The session itself adds `close` (detail: a GatewayError, or null when you
  * closed it), and with `reconnect`, `connection.lost` and
  * `connection.restored` (they are also kept in `events`). Listen with

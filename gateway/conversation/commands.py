@@ -74,6 +74,24 @@ class CancelJob:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitForWorker:
+    """Stand ``ticket`` (the attempt refused as busy) in the waiting line of ``kind``, as waiting
+    since ``since``; when a slot may be free it comes back as ``WorkerFreed`` (``gateway/admission.py``)."""
+
+    ticket: JobRef
+    kind: WorkerKind
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class StopWaiting:
+    """``ticket`` leaves the waiting line (it asks again on its own timer, gave up, or was cancelled)."""
+
+    ticket: JobRef
+    kind: WorkerKind
+
+
+@dataclass(frozen=True, slots=True)
 class Play:
     """Queue synthesized audio of ``piece`` of ``turn``'s answer on the answer track."""
 
@@ -131,4 +149,4 @@ class ObserveStages:
 
 
 JobCommand = StartJob | SendAudio | SendText | SendImage | FlushInput | EndInput | CancelJob
-Command = JobCommand | Play | Unplay | StopPlayback | Emit | LookAtCamera | CountTurn | CountFailover | ObserveStages
+Command = JobCommand | WaitForWorker | StopWaiting | Play | Unplay | StopPlayback | Emit | LookAtCamera | CountTurn | CountFailover | ObserveStages

@@ -57,6 +57,7 @@ from ..events import (
     TranscriptFinal,
     TranscriptPartial,
     VisionText,
+    Waiting,
 )
 from ..selection import Job as Placement
 from ..selection import job_size
@@ -71,6 +72,7 @@ from .inputs import (
     JobFinished,
     JobRef,
     JobStarted,
+    LineFull,
     ModelPin,
     PieceSpoken,
     Playing,
@@ -85,6 +87,7 @@ from .inputs import (
     Tick,
     Token,
     Transcript,
+    WorkerFreed,
 )
 
 log = logging.getLogger("edgestream.gateway")
@@ -121,7 +124,10 @@ class _Work:
     attempts: int = 0
     busy_retries: int = 0
     busy_since: float | None = None
+    """When a worker first refused this job as full (reset once one takes it)."""
     retry_at: float | None = None
+    ticket: JobRef | None = None
+    """Its place in the pool's waiting line while it waits (the refused attempt's ref)."""
 
 
 @dataclass(eq=False)
@@ -275,8 +281,11 @@ class Conversation:
 
     def close(self) -> list[Command]:
         """The session ends: cancel every job."""
-        out = [cmd.CancelJob(ref) for ref in self._live]
+        out: list[Command] = [cmd.CancelJob(ref) for ref in self._live]
         self._live.clear()
+        for work in self._waiting:
+            if work.ticket is not None:
+                out.append(cmd.StopWaiting(work.ticket, work.kind))
         self._waiting.clear()
         return out
 
@@ -383,6 +392,7 @@ class Conversation:
         if work is None:
             return
         work.worker = event.worker
+        work.busy_since, work.busy_retries = None, 0  # a worker took it: a later refusal is a new wait
         self.models.setdefault(work.kind, event.model)
         turn = self._turn_of(work)
         if turn is not None:
@@ -493,12 +503,18 @@ class Conversation:
         if event.code == failover.BUSY:
             if work.busy_since is None:
                 work.busy_since = self._now
-            delay = failover.busy_retry_in(work.busy_retries, self._now - work.busy_since)
+            wait_s = self.settings.busy_wait_s
+            delay = failover.busy_retry_in(work.busy_retries, self._now - work.busy_since, wait_s)
             if delay is not None:
+                if work.busy_retries == 0 and work.owner is not None and not isinstance(work.owner, _Glance):
+                    message = f"every {work.kind.value} worker is busy; this turn waits for one (up to {wait_s:g} s)"
+                    self._out.append(cmd.Emit(Waiting(kind=work.kind.value, turn=self._turn_of(work).number, wait_s=wait_s, message=message)))
                 work.busy_retries += 1
                 work.retry_at = self._now + delay
+                work.ticket = event.job
                 self._waiting.append(work)
-                log.info("%s job of turn %s: %s is full; asking again in %.0f ms", work.kind.value, work.trace, event.worker, delay * 1000)
+                self._out.append(cmd.WaitForWorker(event.job, work.kind, work.busy_since))
+                log.info("%s job of turn %s: %s is full; waiting (asking again in %.0f ms at most)", work.kind.value, work.trace, event.worker, delay * 1000)
                 return
         elif work.owner is not None and failover.fails_over(event.code, len(work.tried)):
             self.failovers += 1
@@ -533,11 +549,34 @@ class Conversation:
         if self.settings.vision_interval_s > 0 and self._camera_at is None:
             self._camera_at = self._now + self.settings.vision_interval_s
 
+    def _worker_freed(self, event: WorkerFreed) -> None:
+        for work in self._waiting:
+            if work.ticket == event.ticket:
+                work.ticket = None  # the line let it go
+                self._stop_waiting(work)
+                self._start(work)
+                return
+
+    def _line_full(self, event: LineFull) -> None:
+        for work in self._waiting:
+            if work.ticket == event.ticket:
+                work.ticket = None
+                self._stop_waiting(work)
+                message = f"{event.waiting} {work.kind.value} jobs are waiting for a worker already (the most)"
+                self._gave_up(work, JobFailed(event.ticket, failover.BUSY, message))
+                return
+
+    def _stop_waiting(self, work: _Work) -> None:
+        self._waiting.remove(work)
+        work.retry_at = None
+        if work.ticket is not None:
+            self._out.append(cmd.StopWaiting(work.ticket, work.kind))
+            work.ticket = None
+
     def _timers_due(self) -> None:
         now = self._now
         for work in [w for w in self._waiting if w.retry_at is not None and w.retry_at <= now]:
-            self._waiting.remove(work)
-            work.retry_at = None
+            self._stop_waiting(work)
             self._start(work)
         answer = self.answer
         if answer is not None and answer.waiting_for_vision_until is not None and answer.waiting_for_vision_until <= now:
@@ -594,7 +633,7 @@ class Conversation:
         if work is None:
             return
         if work in self._waiting:
-            self._waiting.remove(work)
+            self._stop_waiting(work)
         if work.ref is not None and self._live.pop(work.ref, None) is not None:
             self._out.append(cmd.CancelJob(work.ref))
         work.ref = None
@@ -886,6 +925,8 @@ class Conversation:
         JobFailed: _job_failed,
         Playing: _playing,
         PlayoutIdle: _playout_idle,
+        WorkerFreed: _worker_freed,
+        LineFull: _line_full,
         Tick: _tick,
     }
 

@@ -144,15 +144,30 @@ class PlayoutIdle:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerFreed:
+    """A slot of the kind ``ticket`` waits for may be free: it is this job's turn to ask again."""
+
+    ticket: JobRef
+
+
+@dataclass(frozen=True, slots=True)
+class LineFull:
+    """``ticket`` found the waiting line of its kind full (``waiting`` jobs in it): it fails now."""
+
+    ticket: JobRef
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """The clock reached :meth:`Conversation.next_timer`."""
 
 
 JobEvent = JobStarted | Transcript | Token | Speech | PieceSpoken | Seen | JobFinished | JobFailed
-Input = TurnEvent | JobEvent | CameraFrame | Playing | PlayoutIdle | Tick
+Input = TurnEvent | JobEvent | CameraFrame | Playing | PlayoutIdle | WorkerFreed | LineFull | Tick
 
 __all__ = [
-    "NO_WORKER", "CameraFrame", "Input", "JobEvent", "JobFailed", "JobFinished", "JobRef", "JobStarted", "ModelPin",
+    "NO_WORKER", "CameraFrame", "Input", "JobEvent", "JobFailed", "JobFinished", "JobRef", "JobStarted", "LineFull", "ModelPin",
     "PieceSpoken", "Playing", "PlayoutIdle", "Seen", "Speech", "SpeechAudio", "SpeechEnded", "SpeechPaused",
-    "SpeechResumed", "SpeechStarted", "Tick", "Token", "Transcript", "TurnEvent",
+    "SpeechResumed", "SpeechStarted", "Tick", "Token", "Transcript", "TurnEvent", "WorkerFreed",
 ]
