@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,8 @@ class SlowBox:
 class System:
     url: str
     workers: dict[WorkerKind, str]
+    pids: dict[str, int] = field(default_factory=dict)
+    """Process ids by name: ``gateway``, ``stt``, ``llm``, ``tts``, ``vision``."""
 
 
 @contextlib.asynccontextmanager
@@ -277,7 +279,9 @@ async def running_system(
                     if any(p.returncode is not None for p in processes):
                         raise RuntimeError("a process of the system exited while starting")
                     await asyncio.sleep(0.2)
-            yield System(f"ws://127.0.0.1:{gateway_port}/session", {k: f"ws://127.0.0.1:{p}" for k, p in ports.items()})
+            names = ["gateway", *(kind.value for kind in WorkerKind)]
+            pids = {name: process.pid for name, process in zip(names, processes)}
+            yield System(f"ws://127.0.0.1:{gateway_port}/session", {k: f"ws://127.0.0.1:{p}" for k, p in ports.items()}, pids)
         finally:
             for process in processes:
                 if process.returncode is None:

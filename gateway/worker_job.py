@@ -134,7 +134,7 @@ class WorkerJob:
                 if getattr(start.params, "prefill", False) and lease.jobs_on_worker > lease.capacity - 1:
                     # A prefill is a head start, not worth the worker's last free slot
                     # (and not the worker's failure: the lease ends as skipped).
-                    lease.release("skipped")
+                    lease.release("skipped", frees_slot=False)
                     raise JobError(ErrorCode.BUSY, f"{lease.worker_id} has no slot to spare for a prefill")
                 try:
                     await self._exchange(lease)

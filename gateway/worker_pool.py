@@ -209,6 +209,8 @@ class Lease:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None:
             self.release()
+        elif isinstance(exc, JobFailed) and exc.code is ErrorCode.BUSY:
+            self.release("busy", frees_slot=False)  # it never ran: no slot came free for whoever waits
         elif isinstance(exc, JobFailed):
             self.fail(str(exc), stalled=isinstance(exc, Stalled))
         elif isinstance(exc, asyncio.CancelledError):
@@ -222,12 +224,14 @@ class Lease:
         compute = max(seconds - (estimate.rtt.value or 0.0), 1e-4)
         estimate.seconds_per_unit.observe(compute / self.size, self.pool.clock())
 
-    def release(self, outcome: str = "ok") -> None:
+    def release(self, outcome: str = "ok", *, frees_slot: bool = True) -> None:
+        """Give the worker back; a job that ran (``frees_slot``) wakes the longest waiting of its kind."""
         if self._open:
             self._open = False
             self.member.estimate.in_flight.pop(self.id, None)
             self.pool.metrics.jobs.labels(self.member.kind.value, self.worker_id, outcome).inc()
-            self.pool.waiting[self.member.kind].freed()
+            if frees_slot:
+                self.pool.waiting[self.member.kind].freed()
 
     def fail(self, reason: str, *, stalled: bool = False) -> None:
         """The worker failed this job; a ``stalled`` one also loses its link (and leaves the rotation until it is back).

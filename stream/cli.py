@@ -282,6 +282,24 @@ def chaos(
     raise typer.Exit(1 if summary["lost_turns"] else 0)
 
 
+@app.command()
+def attack(
+    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only this attack (repeat for more); default: all.")] = None,
+    out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("attack.json"),
+    logs: Annotated[Optional[Path], typer.Option(help="Directory for the system's processes' output.")] = None,
+) -> None:
+    """Replay the red-team findings against a live system on loopback; per attack: a real spoken turn
+    answered, /healthz p99, RSS before/peak/after. Exits 1 if any attack fails."""
+    from gateway.attack import ATTACKS, run_attacks
+
+    names = only or list(ATTACKS)
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise typer.BadParameter(f"unknown attack {', '.join(unknown)}; known: {', '.join(ATTACKS)}", param_hint="--only")
+    summary = asyncio.run(run_attacks(names, out, logs))
+    raise typer.Exit(1 if summary["failed"] else 0)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
 app.add_typer(bench_app, name="bench")
 

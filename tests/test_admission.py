@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from gateway.admission import WaitingLine
 from gateway.conversation import commands as cmd
-from gateway.conversation.inputs import JobFailed, LineFull, WorkerFreed
+from gateway.conversation.inputs import JobFailed, JobStarted, LineFull, Transcript, WorkerFreed
 from gateway.events import ErrorEvent, Waiting
 from stream.protocol import WorkerKind
-from tests.test_conversation import Talk
+from tests.test_conversation import MODEL, Talk
 
 STT = WorkerKind.STT
 
@@ -76,12 +76,27 @@ def test_a_full_line_fails_the_turn_with_busy_and_closing_leaves_the_line():
     assert [c.ticket for c in talk2.conversation.close() if isinstance(c, cmd.StopWaiting)] == [wait2.ticket]
 
 
-def test_a_job_a_worker_took_waits_afresh_when_it_is_refused_later():
+def test_refusals_right_after_the_lease_add_up_and_the_turn_gives_up_at_the_deadline():
+    """``JobStarted`` is only the lease (the worker may still say busy): it does not start a new wait."""
+    talk = Talk()
+    wait = _busy(talk)
+    while not talk.events(ErrorEvent):
+        (again,) = talk.of(cmd.StartJob, talk.wait(0.5)) or talk.of(cmd.StartJob, talk(WorkerFreed(wait.ticket)))
+        talk(JobStarted(again.job, "stt-a", MODEL))
+        talk(JobFailed(again.job, "busy", "worker at capacity", "stt-a"))
+        assert talk.now - wait.since < 2 * talk.conversation.settings.busy_wait_s
+    assert talk.now - wait.since >= talk.conversation.settings.busy_wait_s
+
+
+def test_a_job_that_ran_and_moved_waits_afresh_when_it_is_refused_later():
     talk = Talk()
     wait = _busy(talk)
     started = talk.of(cmd.StartJob, talk(WorkerFreed(wait.ticket), after_s=8.0))
     talk.start(STT)
-    talk(JobFailed(started[0].job, "busy", "worker at capacity", "stt-a"), after_s=5.0)
+    talk(Transcript(started[0].job, "hello", final=False))  # it ran there
+    talk(JobFailed(started[0].job, "internal", "link lost", "stt-a"), after_s=5.0)  # and moves
+    moved = talk.of(cmd.StartJob, talk.new())[-1]
+    talk(JobFailed(moved.job, "busy", "worker at capacity", "stt-b"))
     (again,) = talk.of(cmd.WaitForWorker, talk.new())
     assert again.since == talk.now  # a new wait, not 13 s into the old one
     assert not talk.events(ErrorEvent)

@@ -246,6 +246,8 @@ class Conversation:
         handler = self._handlers.get(type(event))
         if handler is None:
             raise TypeError(f"not a conversation input: {event!r}")
+        if isinstance(event, _OUTPUTS) and (work := self._live.get(event.job)) is not None:
+            work.busy_since, work.busy_retries = None, 0  # a worker took it: a later refusal is a new wait
         with logs.bound(session=self.session_id, turn=self._turn_label(event)):
             handler(self, event)
             self._timers_due()
@@ -392,7 +394,6 @@ class Conversation:
         if work is None:
             return
         work.worker = event.worker
-        work.busy_since, work.busy_retries = None, 0  # a worker took it: a later refusal is a new wait
         self.models.setdefault(work.kind, event.model)
         turn = self._turn_of(work)
         if turn is not None:
@@ -517,6 +518,7 @@ class Conversation:
                 log.info("%s job of turn %s: %s is full; waiting (asking again in %.0f ms at most)", work.kind.value, work.trace, event.worker, delay * 1000)
                 return
         elif work.owner is not None and failover.fails_over(event.code, len(work.tried)):
+            work.busy_since, work.busy_retries = None, 0  # another worker: a refusal there is a new wait
             self.failovers += 1
             self._out.append(cmd.CountFailover(work.kind))
             log.warning(
@@ -930,6 +932,9 @@ class Conversation:
         Tick: _tick,
     }
 
+
+_OUTPUTS = (Transcript, Token, Speech, PieceSpoken, Seen, JobFinished)
+"""What a job gives once a worker has taken it (``JobStarted`` is only the lease: the worker may still refuse)."""
 
 _NEXT_STEP = {
     WorkerKind.STT: "the utterance is replayed to another worker",
