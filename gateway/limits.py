@@ -32,10 +32,19 @@ class TokenBucket:
         """Whether a flood is going on (a refusal less than ``quiet_s`` ago)."""
         return self._last_refused is not None and self.clock() - self._last_refused < self.quiet_s
 
-    def allow(self) -> bool:
+    def empty(self) -> bool:
+        """Whether :meth:`allow` would refuse now (spends nothing)."""
+        self._refill()
+        return self.tokens < 1
+
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
         self._last = now
+
+    def allow(self) -> bool:
+        self._refill()
+        now = self._last
         if self.tokens >= 1:
             self.tokens -= 1
             return True
@@ -51,7 +60,10 @@ class PendingConnections:
     timeout (10 s), so an address that opens them without ever offering could
     hold every descriptor the process has. :meth:`admit` refuses a connection
     above ``per_address`` pending from its address or ``total`` in all; what
-    it admitted is counted until :meth:`done`. Worst case held: ``total``
+    it admitted is counted until :meth:`done`. When all ``total`` places are
+    taken, a newcomer from an address holding fewer than the biggest holder
+    takes the oldest place of that holder (:meth:`evict_for`): a few
+    addresses cannot lock everyone else out. Worst case held: ``total``
     sockets and tasks (tens of KB each).
     """
 
@@ -89,6 +101,16 @@ class PendingConnections:
         if self._count[address] <= 0:
             del self._count[address]
 
+    def evict_for(self, address: str) -> object | None:
+        """The pending connection to end so that one from ``address`` fits: the oldest of the
+        address holding the most, if it holds more than ``address`` does; else ``None``."""
+        if not self._count:
+            return None
+        holder, held = self._count.most_common(1)[0]
+        if held <= self._count[address]:
+            return None
+        return next(key for key, a in self._address_of.items() if a == holder)
+
     def keys(self) -> list[object]:
         return list(self._address_of)
 
@@ -103,6 +125,11 @@ class ClientRates:
         self.max_clients = max_clients
         self.clock = clock
         self._buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()
+
+    def exhausted(self, client: str) -> bool:
+        """Whether ``client``'s next offer would be refused (spends nothing)."""
+        bucket = self._buckets.get(client)
+        return bucket is not None and bucket.empty()
 
     def allow(self, client: str) -> bool:
         bucket = self._buckets.pop(client, None)

@@ -192,11 +192,22 @@ class Gateway:
     def _admit_signaling(self, connection: ServerConnection) -> Response | None:
         """Count a new signaling connection as pending until its offer, or refuse it (HTTP 503)."""
         address = str(connection.remote_address[0]) if connection.remote_address else "?"
+        if self.tokens is None and self._offer_rates.exhausted(address):  # the client is the address: refuse it unread
+            message = f"client {address} made more than {self.settings.offers_per_minute:g} offers in a minute; wait a little"
+            self._log_refusal(address, "rate_limited", message)
+            return response(HTTPStatus.TOO_MANY_REQUESTS, f"rate_limited: {message}\n".encode(), "text/plain")
         if self.pending.refusal(address) is not None:
             for key in self.pending.keys():  # a handshake that failed never reached _handle
                 if key.state is State.CLOSED:  # type: ignore[attr-defined]
                     self.pending.done(key)
         refusal = self.pending.admit(connection, address)
+        if refusal is not None and len(self.pending) >= self.pending.total:
+            evicted = self.pending.evict_for(address)
+            if evicted is not None:  # the biggest holder's oldest place goes to the newcomer
+                self.pending.done(evicted)
+                self._log_refusal("%s:%s" % evicted.remote_address[:2], "too_many_pending", "evicted for a connection from another address")  # type: ignore[attr-defined]
+                asyncio.ensure_future(evicted.close(1013, "too_many_pending"))  # type: ignore[attr-defined]
+                refusal = self.pending.admit(connection, address)
         if refusal is None:
             return None
         self._log_refusal(address, "too_many_pending", refusal)

@@ -216,10 +216,23 @@ def test_pending_connections_are_capped_per_address_and_in_all():
     assert pending.admit("a3", "10.0.0.1") is None and "per address" in pending.admit("a4", "10.0.0.1")
 
 
+def test_when_every_place_is_taken_the_biggest_holder_gives_up_its_oldest():
+    pending = PendingConnections(total=4, per_address=3)
+    for key in ("a1", "a2", "a3", "b1"):
+        pending.admit(key, "10.0.0.1" if key[0] == "a" else "10.0.0.2")
+    assert pending.evict_for("10.0.0.3") == "a1"  # the oldest of the one holding most
+    pending.done("a1"), pending.admit("c1", "10.0.0.3")
+    assert pending.evict_for("10.0.0.3") == "a2"
+    pending.done("a2"), pending.admit("c2", "10.0.0.3")
+    assert pending.evict_for("10.0.0.3") is None  # no one holds more than 10.0.0.3 does now
+    assert pending.evict_for("10.0.0.2") == "c1"  # 10.0.0.3 holds 2, 10.0.0.2 only 1
+
+
 def test_offer_rates_are_per_client_and_memory_is_bounded():
     now = [0.0]
     rates = ClientRates(per_minute=3, max_clients=2, clock=lambda: now[0])
     assert [rates.allow("x") for _ in range(4)] == [True, True, True, False]
+    assert rates.exhausted("x") and not rates.exhausted("y") and not rates.exhausted("never-seen")
     assert rates.allow("y")  # another client is not affected
     now[0] += 20  # a third of a minute: one offer back
     assert rates.allow("x") and not rates.allow("x")
@@ -239,22 +252,33 @@ async def test_idle_signaling_connections_are_capped_and_a_real_client_gets_in(w
     gateway = Gateway(settings, urls)
     port = await gateway.start("127.0.0.1", 0)
     url = f"ws://127.0.0.1:{port}/session"
-    async with contextlib.AsyncExitStack() as stack:
-        idle = [await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.2"))) for _ in range(3)]
+
+    async def refused_from(address: str) -> bytes:
         with pytest.raises(websockets.InvalidStatus) as refused:
-            await websockets.connect(url, **_from("127.0.0.2"))
-        assert refused.value.response.status_code == 503 and b"too_many_pending" in refused.value.response.body
+            await websockets.connect(url, **_from(address))
+        assert refused.value.response.status_code == 503
+        return refused.value.response.body
+
+    async with contextlib.AsyncExitStack() as stack:
+        async def idle_from(address: str):
+            return await stack.enter_async_context(websockets.connect(url, **_from(address)))
+
+        hog = [await idle_from("127.0.0.2") for _ in range(3)]
+        assert b"too_many_pending" in await refused_from("127.0.0.2") and b"per address" in await refused_from("127.0.0.2")
         session = await GatewaySession.connect(url, loopback_ice=True)  # another address still gets in
         try:
             assert session.connected and len(gateway.pending) == 3  # an offer made is not pending
-            idle += [await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.3"))) for _ in range(2)]
-            with pytest.raises(websockets.InvalidStatus) as refused:
-                await websockets.connect(url, **_from("127.0.0.4"))
-            assert b"in all" in refused.value.response.body
-            await idle[0].close()  # a closed connection frees its place
+            other = [await idle_from("127.0.0.3") for _ in range(2)]  # all 5 places taken
+            newcomer = [await idle_from("127.0.0.4")]  # gets in: the biggest holder's oldest place is ended
+            await asyncio.wait_for(hog[0].wait_closed(), 5)
+            assert hog[0].close_code == 1013 and hog[0].close_reason == "too_many_pending"
+            newcomer.append(await idle_from("127.0.0.4"))  # .2 held 3: it gives up another place
+            await asyncio.wait_for(hog[1].wait_closed(), 5)
+            assert b"in all" in await refused_from("127.0.0.4")  # now no one holds more than .4 does
+            await other[0].close()  # a closed connection frees its place
             await wait_until(lambda: len(gateway.pending) == 4, timeout=5)
-            idle.append(await stack.enter_async_context(websockets.connect(url, **_from("127.0.0.4"))))
-            assert session.connected and gateway.metrics.errors.labels("too_many_pending")._value.get() == 2
+            newcomer.append(await idle_from("127.0.0.4"))
+            assert session.connected and not hog[2].close_code
         finally:
             await session.close()
     await wait_until(lambda: len(gateway.pending) == 0, timeout=5)
@@ -268,10 +292,14 @@ async def test_offers_over_the_rate_are_refused_before_parsing_and_other_clients
     url = f"ws://127.0.0.1:{port}/session"
     codes = []
     for _ in range(5):
-        async with websockets.connect(url, **_from("127.0.0.2")) as websocket:
-            await websocket.send(json.dumps({"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}))
-            codes.append(json.loads(await asyncio.wait_for(websocket.recv(), 10))["code"])
-    assert codes == ["bad_offer"] * 3 + ["rate_limited"] * 2
+        try:
+            async with websockets.connect(url, **_from("127.0.0.2")) as websocket:
+                await websocket.send(json.dumps({"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}))
+                codes.append(json.loads(await asyncio.wait_for(websocket.recv(), 10))["code"])
+        except websockets.InvalidStatus as refused:  # the client is its address: refused before anything is read
+            assert b"rate_limited" in refused.response.body
+            codes.append(refused.response.status_code)
+    assert codes == ["bad_offer"] * 3 + [429] * 2
     session = await GatewaySession.connect(url, loopback_ice=True)
     assert session.connected
     await session.close()

@@ -10,7 +10,7 @@ import pytest
 from stream.protocol import JobResult, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, SttResult
 from stream.worker_client import JobFailed
-from tests.conftest import word_error_rate
+from tests.conftest import wait_until, word_error_rate
 
 SENTENCES = [
     "Please turn on the kitchen lights.",
@@ -222,3 +222,29 @@ async def test_partials_back_off_when_decoding_is_slow():
     assert lane == "partial" and samples == 7 * 1600
     engine.running[-1][2].set_result(0.01)
     utterance.close()
+
+
+async def test_memory_a_long_utterance_took_goes_back_once_the_worker_is_idle(start_worker, connect, speak):
+    """glibc keeps what the decode threads freed unless asked (``workers/memory.py``): RSS would stay at its peak."""
+    import os
+
+    from gateway.load_bench import _rss_mb
+    from workers.memory import trim
+
+    assert trim()  # glibc: the trim is there to be done
+    server, url = await start_worker(WorkerKind.STT, capacity=2)
+    sentence = speak("The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest.")
+    long_speech = np.concatenate([sentence] * 4)  # ~25 s: the 30 s decoding path, on every replica
+    before = _rss_mb(os.getpid())
+    clients = [await connect(url) for _ in range(2)]
+    async def final(client) -> str:
+        job = await client.start_job({})
+        for start in range(0, len(long_speech), STT_SAMPLE_RATE * 5):  # a few big frames: the input queue is not the point
+            await job.send_audio(long_speech[start : start + STT_SAMPLE_RATE * 5])
+        await job.end()
+        return [e async for e in job.events() if isinstance(e, JobResult)][-1].data["text"]
+
+    results = await asyncio.gather(*(final(c) for c in clients))
+    assert all("fox" in text.lower() for text in results), results
+    await wait_until(lambda: server.running == 0)
+    await wait_until(lambda: _rss_mb(os.getpid()) < before + 150, timeout=10)

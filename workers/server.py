@@ -55,6 +55,7 @@ from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
 from .job import FlushInput, Job, JobCancelled, TextInput
+from .memory import IdleTrim
 from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 
@@ -94,6 +95,7 @@ class WorkerServer:
         self.limits = limits
         self.rate = ServiceRate()
         self.running = 0
+        self._idle_trim = IdleTrim()
         self.queued = 0
         self.jobs_completed = 0
         self.jobs_cancelled = 0
@@ -136,6 +138,7 @@ class WorkerServer:
                     await self._server.wait_closed()
             except TimeoutError:
                 log.warning("%s: connections still open %g s after close; going on without them", self.worker_id, CLOSE_S)
+        await self._idle_trim.close()
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -228,6 +231,8 @@ class WorkerServer:
             self.jobs_completed += 1
         finally:
             self.unqueue(job)
+            if self.running == 0 and self.queued == 0:
+                self._idle_trim.soon()  # what the job's buffers held goes back to the system
             if job.work_units > 0:  # a cancelled job did work too (an STT job after its flush)
                 self.rate.observe(job.work_units, job.compute_s)
                 self.metrics.compute_seconds.observe(job.compute_s)
