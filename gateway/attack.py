@@ -135,11 +135,11 @@ async def _repeat(control: Control, once: Callable[[], Awaitable[None]], pause_s
 # -- the attacks (one per finding) ---------------------------------------------------------------
 
 
-@attack("three-speakers", 1, "three more people speak at once (STT capacity 2), besides the probe")
+@attack("three-speakers", 1, "two people speak at once with the probe: three on STT and LLM capacity 2")
 async def three_speakers(target: Target, control: Control) -> dict[str, Any]:
-    sessions = [await GatewaySession.connect(target.system.url, loopback_ice=True) for _ in range(3)]
+    sessions = [await GatewaySession.connect(target.system.url, loopback_ice=True) for _ in range(2)]
     try:
-        speaking = asyncio.gather(*(s.say(_padded(speech), 16_000) for s, speech in zip(sessions, target.speech)))
+        speaking = asyncio.gather(*(s.say(_padded(speech), 16_000) for s, speech in zip(sessions, target.speech[1:])))
         control.underway.set()  # the probe speaks with them
         await speaking
         done = await asyncio.gather(*(s.wait_event("answer.done", timeout=PROBE_TIMEOUT_S) for s in sessions), return_exceptions=True)
@@ -397,6 +397,8 @@ async def _signaling_reply(url: str, message: str, source: str) -> str:
             return str(reply.get("code") or reply.get("type"))
     except websockets.InvalidStatus as exc:
         return f"http_{exc.response.status_code}"
+    except websockets.InvalidHandshake:  # aborted at accept, before any HTTP
+        return "aborted"
     except websockets.ConnectionClosed as exc:
         return f"closed_{exc.rcvd.code if exc.rcvd else 'abnormal'}"
     except (OSError, TimeoutError):
@@ -592,8 +594,9 @@ async def run_attacks(names: list[str], out: Path | None, logs: Path | None = No
 
 async def _run_all(target: Target, names: list[str], speech_file: Path, logs: Path | None) -> list[dict[str, Any]]:
     rows = []
-    warm = await probe(target, 0)  # the first session pays for imports and caches: not an attack's cost
-    print(f"warm-up turn: answered={warm['answered']} in {warm.get('answer_ms')} ms", flush=True)
+    # The first sessions pay for imports, caches and the allocators' first growth: not an attack's cost.
+    warm = [await probe(target, 0), *await asyncio.gather(probe(target, 1), probe(target, 2))]
+    print(f"warm-up turns: answered {sum(w['answered'] for w in warm)}/3", flush=True)
     print("attack            #   answered  ms   healthz p50/p99/max ms   gateway RSS MB before/peak/after  most grown  result")
     for n, name in enumerate(names):
         log = logs / f"attack-{name}.log" if logs is not None else None

@@ -45,7 +45,7 @@ WORKER_FAULTS = frozenset({ErrorCode.INTERNAL.value})
 """Error codes that are the worker's fault, not the job's (a lost link or a stall is reported as ``internal``)."""
 
 BUSY = ErrorCode.BUSY.value
-BUSY_WAIT_S = 10.0
+BUSY_WAIT_S = 30.0
 """How long a job keeps asking full workers before the turn reports an error (the default of ``busy_wait_s``)."""
 
 STALL_PATIENCE = 4

@@ -30,11 +30,13 @@ rotation, else 503 naming the missing kinds) and ``GET /metrics``
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import mimetypes
 from http import HTTPStatus
+from collections.abc import Callable
 from pathlib import Path
 
 import websockets
@@ -71,6 +73,8 @@ REFUSALS_LOGGED_PER_S = 1.0
 (``edgestream_errors_total``) and summed up in the next line logged: a flood of connections
 cannot flood the log."""
 REFUSALS_LOGGED_BURST = 10
+TOLD_ADDRESSES = 4096
+"""Addresses remembered as told ``rate_limited`` (their next connections are aborted at accept)."""
 
 CLOSE_STEP_S = 10.0
 """How long each step of stopping the gateway may take."""
@@ -82,6 +86,28 @@ async def _bounded(what: str, awaitable) -> None:
             await awaitable
     except TimeoutError:
         log.warning("stopping: %s took more than %g s; going on without it", what, CLOSE_STEP_S)
+
+
+def _front_door(refused: Callable[[str], bool]) -> type[ServerConnection]:
+    """The signaling connection class: a connection from an address that ``refused`` is aborted as it
+    is accepted, before any HTTP is read (the cheapest answer to a flood already told once)."""
+
+    class FrontDoorConnection(ServerConnection):
+        _aborted = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            peer = transport.get_extra_info("peername")
+            if peer and refused(str(peer[0])):
+                self._aborted = True
+                transport.abort()
+                return
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self._aborted:
+                super().connection_lost(exc)
+
+    return FrontDoorConnection
 
 
 class Gateway:
@@ -111,6 +137,8 @@ class Gateway:
         self._offer_rates = ClientRates(settings.offers_per_minute)
         self._refusal_log = TokenBucket(REFUSALS_LOGGED_PER_S, REFUSALS_LOGGED_BURST)
         self._refusals_unlogged = 0
+        self._told_rate_limited: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Addresses told ``rate_limited`` at the handshake in their current flood (at most ``TOLD_ADDRESSES``)."""
         self.discovery = None
         if settings.loopback_ice:
             from .loopback import allow_loopback_ice
@@ -135,6 +163,7 @@ class Gateway:
             host,
             self.settings.port if port is None else port,
             process_request=get_and_head_only(self._http),
+            create_connection=_front_door(self._aborts),
             max_size=MAX_SIGNALING_BYTES,
             ssl=self.ssl_context,
         )
@@ -195,6 +224,9 @@ class Gateway:
         if self.tokens is None and self._offer_rates.exhausted(address):  # the client is the address: refuse it unread
             message = f"client {address} made more than {self.settings.offers_per_minute:g} offers in a minute; wait a little"
             self._log_refusal(address, "rate_limited", message)
+            self._told_rate_limited[address] = None
+            while len(self._told_rate_limited) > TOLD_ADDRESSES:
+                self._told_rate_limited.popitem(last=False)
             return response(HTTPStatus.TOO_MANY_REQUESTS, f"rate_limited: {message}\n".encode(), "text/plain")
         if self.pending.refusal(address) is not None:
             for key in self.pending.keys():  # a handshake that failed never reached _handle
@@ -212,6 +244,17 @@ class Gateway:
             return None
         self._log_refusal(address, "too_many_pending", refusal)
         return response(HTTPStatus.SERVICE_UNAVAILABLE, f"too_many_pending: {refusal}\n".encode(), "text/plain")
+
+    def _aborts(self, address: str) -> bool:
+        """Whether a connection from ``address`` is aborted at accept: it was told ``rate_limited``
+        and is still over its rate (no token file: the client is the address)."""
+        if address not in self._told_rate_limited:
+            return False
+        if self._offer_rates.exhausted(address):
+            self.metrics.errors.labels("rate_limited").inc()
+            return True
+        del self._told_rate_limited[address]  # the flood is over: the next refusal is told again
+        return False
 
     async def _handle(self, websocket: ServerConnection) -> None:
         peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"

@@ -164,7 +164,7 @@ class GatewaySettings(_Section):
     """How a job's worker is chosen (``gateway/selection.py``)."""
     job_deadline_s: Annotated[float, Field(gt=0, le=120)] = 5.0
     """A worker that gives a job no first result (final transcript, token, audio) within this is stalled: the job moves."""
-    busy_wait_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    busy_wait_s: Annotated[float, Field(gt=0, le=300)] = 30.0
     """A job every worker refuses as full (``busy``) waits this long for room, the longest
     waiting first, before its turn fails; the client hears ``waiting`` meanwhile."""
     max_waiting_jobs: Annotated[int, Field(ge=1, le=100_000)] = 64
