@@ -45,6 +45,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from stream import keys, logs, tls
+from stream.memory import IdleTrim
 from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
 from stream.http import get_and_head_only, json_response, metrics_response, readiness_response, response
 from stream.protocol import WorkerKind
@@ -137,6 +138,7 @@ class Gateway:
         self._offer_rates = ClientRates(settings.offers_per_minute)
         self._refusal_log = TokenBucket(REFUSALS_LOGGED_PER_S, REFUSALS_LOGGED_BURST)
         self._refusals_unlogged = 0
+        self._trim = IdleTrim()
         self._told_rate_limited: collections.OrderedDict[str, None] = collections.OrderedDict()
         """Addresses told ``rate_limited`` at the handshake in their current flood (at most ``TOLD_ADDRESSES``)."""
         self.discovery = None
@@ -314,6 +316,7 @@ class Gateway:
         finally:
             self.sessions.pop(session.id, None)
             await session.close()
+            self._trim.soon()  # what its media buffers held goes back to the system
             log.info("session %s: closed", session.id)
 
     async def _watch(self, session: Session, websocket: ServerConnection) -> None:

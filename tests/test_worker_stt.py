@@ -229,7 +229,7 @@ async def test_memory_a_long_utterance_took_goes_back_once_the_worker_is_idle(st
     import os
 
     from gateway.load_bench import _rss_mb
-    from workers.memory import trim
+    from stream.memory import trim
 
     assert trim()  # glibc: the trim is there to be done
     server, url = await start_worker(WorkerKind.STT, capacity=2)

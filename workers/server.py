@@ -55,7 +55,7 @@ from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
 from .job import FlushInput, Job, JobCancelled, TextInput
-from .memory import IdleTrim
+from stream.memory import IdleTrim
 from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 

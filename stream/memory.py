@@ -1,13 +1,14 @@
-"""Give freed memory back to the system when a worker goes idle.
+"""Give freed memory back to the system when a worker goes idle (or a gateway session ends).
 
 Models allocate large working buffers from several threads: a 30 s
 utterance decoded on four Whisper replicas at once takes the STT worker from
 ~430 MB to ~960 MB. glibc frees those buffers into its per-thread arenas and
 keeps them, so the RSS stays at its peak for the process's life (measured:
 +570 MB after one 62 s monologue). ``malloc_trim(0)`` hands the free pages
-back (~20 ms for a 1 GB heap, in a thread). It runs each time the worker has
-no job left, at most one at a time; on a C library without it, nothing
-happens.
+back (~20 ms for a 1 GB heap, in a thread). It runs each time a worker has
+no job left, and when a gateway session ends (a camera sending 12 MP frames
+leaves the gateway's decoder threads' arenas ~130 MB bigger), at most one at
+a time; on a C library without it, nothing happens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 
-log = logging.getLogger("edgestream.worker")
+log = logging.getLogger("edgestream")
 
 
 def _malloc_trim():
