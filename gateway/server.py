@@ -191,6 +191,7 @@ class Gateway:
         if self.discovery is not None:
             await _bounded("stopping discovery", self.discovery.close())
         await _bounded("closing the worker links", self.pool.close())
+        await self._trim.close()
 
     # -- HTTP -------------------------------------------------------------------------
 
