@@ -46,7 +46,7 @@ def test_a_busy_job_stands_in_line_the_client_hears_waiting_and_a_freed_slot_sta
     wait = _busy(talk)
     assert wait.kind is STT and wait.ticket == talk.job(STT)
     (told,) = talk.events(Waiting)
-    assert told.kind == "stt" and told.turn == 1 and told.wait_s == 10
+    assert told.kind == "stt" and told.turn == 1 and told.wait_s == talk.conversation.settings.busy_wait_s
     out = talk(WorkerFreed(wait.ticket), after_s=0.001)  # well before its own timer
     (again,) = talk.of(cmd.StartJob, out)
     assert not talk.of(cmd.StopWaiting, out)  # the line let it go itself
