@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import websockets
 
-from stream.config import Config
+from stream.config import Config, load_config
 from stream.http import get as http_get
 from stream.protocol import JobResult, JobStart, MediaFormat, MediaFrame, WorkerKind, encode_frame
 from stream.protocol.jobs import LlmParams, TtsParams, VisionParams
@@ -578,7 +578,7 @@ async def run_attacks(names: list[str], out: Path | None, logs: Path | None = No
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
-    config = config or Config()
+    config = config or load_config()  # what `edgestream up` runs: configs/one-box.toml
     speech = _probe_speech()
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)

@@ -163,3 +163,13 @@ async def test_up_starts_one_worker_of_each_kind_and_stops_them(tmp_path: Path):
         rest, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, output + rest.decode()
     assert rest.decode().count("stopping") == len(WorkerKind) + 1
+
+
+def test_a_worker_with_more_threads_than_cores_says_so(caplog):
+    from stream.config import LlmSettings
+    from stream.protocol import WorkerKind
+    from workers.launch import warn_if_oversubscribed
+
+    assert not warn_if_oversubscribed(WorkerKind.LLM, LlmSettings(capacity=2, threads=1), cores=2)
+    assert warn_if_oversubscribed(WorkerKind.LLM, LlmSettings(capacity=2, threads=2), cores=2)
+    assert "set threads to 1 or less" in caplog.text and "2 x threads 2 = 4 threads on 2 cores" in caplog.text
