@@ -67,6 +67,8 @@ RSS_SLACK = 0.10
 SETTLE_S = 20.0
 """How long RSS is given to come back after an attack."""
 PROBE_TIMEOUT_S = 90.0
+ATTACK_END_S = 180.0
+"""How long an attack may take to end once told to stop (the monologue still has a minute to say)."""
 PROBE_QUESTIONS = (
     "What is a good way to start the morning?",
     "Can you tell me something interesting about the moon?",
@@ -169,8 +171,9 @@ async def monologue(target: Target, control: Control) -> dict[str, Any]:
         await asyncio.sleep(5)  # the probe speaks 5 s into the monologue
         control.underway.set()
         await speaking
+        spoken_until = len(session.events)
         cut = any(e.get("code") == "utterance_too_long" for e in session.events)
-        done = await session.wait_event("answer.done", timeout=PROBE_TIMEOUT_S)
+        done = await session.wait_event("answer.done", timeout=PROBE_TIMEOUT_S, after=spoken_until)  # the last turn's
         await control.hold()
         return {"spoken_s": round(seconds, 1), "cut": cut, "answered": bool(done["text"].strip()), "still_connected": session.connected}
     finally:
@@ -510,7 +513,7 @@ async def _attacker(chosen: Attack, target: Target, speech_file: Path, log: Path
 
 async def _result(process: asyncio.subprocess.Process) -> dict[str, Any]:
     assert process.stdout is not None
-    async with asyncio.timeout(150):
+    async with asyncio.timeout(ATTACK_END_S + 30):
         while line := (await process.stdout.readline()).decode():
             if line.startswith(RESULT):
                 return json.loads(line[len(RESULT):])
@@ -639,7 +642,7 @@ async def _attack_main(name: str, spec: str, speech_file: str) -> None:
     await asyncio.wait([running, told], return_when=asyncio.FIRST_COMPLETED)
     control.stop.set()
     try:
-        seen = await asyncio.wait_for(running, 120)
+        seen = await asyncio.wait_for(running, ATTACK_END_S)
     except Exception as exc:  # the attack's own failure is reported, not raised
         log.exception("attack %s failed", name)
         seen = {"attack_error": f"{type(exc).__name__}: {exc}"[:300]}
