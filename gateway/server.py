@@ -139,6 +139,7 @@ class Gateway:
         self._refusal_log = TokenBucket(REFUSALS_LOGGED_PER_S, REFUSALS_LOGGED_BURST)
         self._refusals_unlogged = 0
         self._trim = IdleTrim()
+        self._evictions: set[asyncio.Future[None]] = set()
         self._told_rate_limited: collections.OrderedDict[str, None] = collections.OrderedDict()
         """Addresses told ``rate_limited`` at the handshake in their current flood (at most ``TOLD_ADDRESSES``)."""
         self.discovery = None
@@ -241,7 +242,9 @@ class Gateway:
             if evicted is not None:  # the biggest holder's oldest place goes to the newcomer
                 self.pending.done(evicted)
                 self._log_refusal("%s:%s" % evicted.remote_address[:2], "too_many_pending", "evicted for a connection from another address")  # type: ignore[attr-defined]
-                asyncio.ensure_future(evicted.close(1013, "too_many_pending"))  # type: ignore[attr-defined]
+                closing = asyncio.ensure_future(evicted.close(1013, "too_many_pending"))  # type: ignore[attr-defined]
+                self._evictions.add(closing)  # held until done: the loop keeps only a weak reference
+                closing.add_done_callback(self._evictions.discard)
                 refusal = self.pending.admit(connection, address)
         if refusal is None:
             return None
