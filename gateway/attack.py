@@ -31,6 +31,7 @@ workers do for it is theirs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -234,17 +235,16 @@ async def sdp_sections(target: Target, control: Control) -> dict[str, Any]:
     opus = "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n"
     other = "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:0 PCMU/8000\r\n"
     offers = [head + opus * 200, head + other * 480]
-    codes: dict[str, int] = {}
+    codes: collections.Counter[str] = collections.Counter()
 
     async def one(sdp: str) -> None:
-        code = await _signaling_reply(target.system.url, json.dumps({"type": "offer", "sdp": sdp}), source="127.0.0.2")
-        codes[code] = codes.get(code, 0) + 1
+        codes[await _signaling_reply(target.system.url, json.dumps({"type": "offer", "sdp": sdp}), source="127.0.0.2")] += 1
 
     async def once() -> None:
         await asyncio.gather(*(one(offers[n % 2]) for n in range(4)))
 
     await _repeat(control, once)
-    return {"replies": codes}
+    return {"replies": dict(codes)}
 
 
 @attack("frame-bomb", 5, "a camera sending 4000x3000 frames (12 MP; the gateway takes 2 MP), 2 a second")
@@ -264,7 +264,7 @@ async def frame_bomb(target: Target, control: Control) -> dict[str, Any]:
 @attack("tts-dots", 6, "TTS jobs of dots: 8,000 as one piece, 4,096 (the most) as params.text, again and again")
 async def tts_dots(target: Target, control: Control) -> dict[str, Any]:
     client = await WorkerClient.connect(target.system.workers[WorkerKind.TTS])
-    outcomes: dict[str, int] = {}
+    outcomes: collections.Counter[str] = collections.Counter()
     try:
         async def once() -> None:
             for params, piece in ((TtsParams(), "." * 8000), (TtsParams(text="." * 4096), None)):
@@ -272,11 +272,10 @@ async def tts_dots(target: Target, control: Control) -> dict[str, Any]:
                 if piece is not None:
                     await job.send_text(piece)
                 await job.end()
-                outcome = await _outcome(job)
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                outcomes[await _outcome(job)] += 1
 
         await _repeat(control, once, pause_s=0.2)
-        return {"jobs": outcomes}
+        return {"jobs": dict(outcomes)}
     finally:
         await client.close()
 
@@ -293,18 +292,17 @@ def _png(width: int, height: int) -> bytes:
 async def vision_pixels(target: Target, control: Control) -> dict[str, Any]:
     images = [_png(4096, 4096), _png(1, 4096 * 4096)]
     client = await WorkerClient.connect(target.system.workers[WorkerKind.VISION])
-    outcomes: dict[str, int] = {}
+    outcomes: collections.Counter[str] = collections.Counter()
     try:
         async def once() -> None:
             for image in images:
                 job = await client.start_job(VisionParams())
                 await job.send_image(image, MediaFormat.PNG)
                 await job.end()
-                outcome = await _outcome(job)
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                outcomes[await _outcome(job)] += 1
 
         await _repeat(control, once, pause_s=0.2)
-        return {"jobs": outcomes}
+        return {"jobs": dict(outcomes)}
     finally:
         await client.close()
 
@@ -358,10 +356,9 @@ async def signaling(target: Target, control: Control) -> dict[str, Any]:
             idle.append(await websockets.connect(url, local_addr=(f"127.0.0.{2 + n % 8}", 0), open_timeout=5))
         except (websockets.InvalidStatus, OSError, TimeoutError):
             refused_at_handshake += 1
-    codes: dict[str, int] = {}
+    codes: collections.Counter[str] = collections.Counter()
     for message in ["[" * 5000, json.dumps({"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 0\r\n"}), "{}"]:
-        code = await _signaling_reply(url, message, source="127.0.0.20")
-        codes[code] = codes.get(code, 0) + 1
+        codes[await _signaling_reply(url, message, source="127.0.0.20")] += 1
     http_codes = []
     for request in (f"GET /{'a' * 300} HTTP/1.1", "POST / HTTP/1.1", "TRACE / HTTP/1.1", "DELETE /healthz HTTP/1.1"):
         http_codes.append(await _raw_http(target.http, request))
@@ -376,7 +373,7 @@ async def signaling(target: Target, control: Control) -> dict[str, Any]:
         await session.close()
         for websocket in idle:
             websocket.transport.abort()
-    return {"idle_accepted": len(idle), "idle_refused": refused_at_handshake, "replies": codes, "http": http_codes, "flood_answered_rate_limited": limited}
+    return {"idle_accepted": len(idle), "idle_refused": refused_at_handshake, "replies": dict(codes), "http": http_codes, "flood_answered_rate_limited": limited}
 
 
 # -- helpers ------------------------------------------------------------------------------------

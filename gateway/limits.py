@@ -111,6 +111,18 @@ class PendingConnections:
             return None
         return next(key for key, a in self._address_of.items() if a == holder)
 
+    def admit_or_evict(self, key: object, address: str) -> tuple[str | None, object | None]:
+        """:meth:`admit`, and when every place is taken, make room by :meth:`evict_for`:
+        (the refusal or ``None``, the key evicted for it or ``None``; the caller closes that one)."""
+        refusal = self.admit(key, address)
+        if refusal is None or len(self._address_of) < self.total:
+            return refusal, None
+        evicted = self.evict_for(address)
+        if evicted is None:
+            return refusal, None
+        self.done(evicted)
+        return self.admit(key, address), evicted
+
     def keys(self) -> list[object]:
         return list(self._address_of)
 

@@ -35,8 +35,8 @@ import contextlib
 import json
 import logging
 import mimetypes
-from http import HTTPStatus
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 
 import websockets
@@ -226,7 +226,7 @@ class Gateway:
         """Count a new signaling connection as pending until its offer, or refuse it (HTTP 503)."""
         address = str(connection.remote_address[0]) if connection.remote_address else "?"
         if self.tokens is None and self._offer_rates.exhausted(address):  # the client is the address: refuse it unread
-            message = f"client {address} made more than {self.settings.offers_per_minute:g} offers in a minute; wait a little"
+            message = self._over_rate(address)
             self._log_refusal(address, "rate_limited", message)
             self._told_rate_limited[address] = None
             while len(self._told_rate_limited) > TOLD_ADDRESSES:
@@ -236,20 +236,19 @@ class Gateway:
             for key in self.pending.keys():  # a handshake that failed never reached _handle
                 if key.state is State.CLOSED:  # type: ignore[attr-defined]
                     self.pending.done(key)
-        refusal = self.pending.admit(connection, address)
-        if refusal is not None and len(self.pending) >= self.pending.total:
-            evicted = self.pending.evict_for(address)
-            if evicted is not None:  # the biggest holder's oldest place goes to the newcomer
-                self.pending.done(evicted)
-                self._log_refusal("%s:%s" % evicted.remote_address[:2], "too_many_pending", "evicted for a connection from another address")  # type: ignore[attr-defined]
-                closing = asyncio.ensure_future(evicted.close(1013, "too_many_pending"))  # type: ignore[attr-defined]
-                self._evictions.add(closing)  # held until done: the loop keeps only a weak reference
-                closing.add_done_callback(self._evictions.discard)
-                refusal = self.pending.admit(connection, address)
+        refusal, evicted = self.pending.admit_or_evict(connection, address)
+        if isinstance(evicted, ServerConnection):  # the biggest holder's oldest place went to the newcomer
+            self._log_refusal("%s:%s" % evicted.remote_address[:2], "too_many_pending", "evicted for a connection from another address")
+            closing = asyncio.ensure_future(evicted.close(1013, "too_many_pending"))
+            self._evictions.add(closing)  # held until done: the loop keeps only a weak reference
+            closing.add_done_callback(self._evictions.discard)
         if refusal is None:
             return None
         self._log_refusal(address, "too_many_pending", refusal)
         return response(HTTPStatus.SERVICE_UNAVAILABLE, f"too_many_pending: {refusal}\n".encode(), "text/plain")
+
+    def _over_rate(self, client: str) -> str:
+        return f"client {client} made more than {self.settings.offers_per_minute:g} offers in a minute; wait a little"
 
     def _aborts(self, address: str) -> bool:
         """Whether a connection from ``address`` is aborted at accept: it was told ``rate_limited``
@@ -292,8 +291,7 @@ class Gateway:
             await self._refuse(websocket, "unauthorized", reason, peer)
             return
         if not self._offer_rates.allow(client):
-            limit = self.settings.offers_per_minute
-            await self._refuse(websocket, "rate_limited", f"client {client} made more than {limit:g} offers in a minute; wait a little", peer)
+            await self._refuse(websocket, "rate_limited", self._over_rate(client), peer)
             return
         if len(self.sessions) >= self.settings.max_sessions:
             await self._refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)

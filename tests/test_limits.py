@@ -15,13 +15,14 @@ import pytest
 import pytest_asyncio
 import websockets
 
+from gateway.attack import UnpluggedMicrophone
 from gateway.limits import ClientRates, PendingConnections, TokenBucket
 from gateway.server import Gateway
 from gateway.session import CLIENT_MESSAGE_BURST
 from gateway.turns import SpeechAudio, SpeechEnded, SpeechStarted, TurnDetector, TurnSettings
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
-from stream.sdk import GatewaySession, MicrophoneTrack
+from stream.sdk import GatewaySession
 from tests.conftest import wait_until, with_silence, word_error_rate
 
 LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest."
@@ -104,20 +105,6 @@ async def test_a_long_utterance_is_answered_in_turns_with_a_clear_error(limited_
         assert session.connected
     finally:
         await session.close()
-
-
-class UnpluggedMicrophone(MicrophoneTrack):
-    """Plays what it is told to say, then sends nothing at all: no packets, not even silence."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unplugged = asyncio.Event()
-        self._never = asyncio.Event()
-
-    async def recv(self):
-        if not self._queue and self.unplugged.is_set():
-            await self._never.wait()  # aiortc's sender waits here: the gateway hears nothing
-        return await super().recv()
 
 
 async def test_a_microphone_that_goes_dead_mid_turn_ends_the_turn_and_frees_its_stt_job(limited_gateway, workers, speak):

@@ -552,21 +552,23 @@ class Conversation:
             self._camera_at = self._now + self.settings.vision_interval_s
 
     def _worker_freed(self, event: WorkerFreed) -> None:
-        for work in self._waiting:
-            if work.ticket == event.ticket:
-                work.ticket = None  # the line let it go
-                self._stop_waiting(work)
-                self._start(work)
-                return
+        work = self._let_go(event.ticket)
+        if work is not None:
+            self._start(work)
 
     def _line_full(self, event: LineFull) -> None:
-        for work in self._waiting:
-            if work.ticket == event.ticket:
-                work.ticket = None
-                self._stop_waiting(work)
-                message = f"{event.waiting} {work.kind.value} jobs are waiting for a worker already (the most)"
-                self._gave_up(work, JobFailed(event.ticket, failover.BUSY, message))
-                return
+        work = self._let_go(event.ticket)
+        if work is not None:
+            message = f"{event.waiting} {work.kind.value} jobs are waiting for a worker already (the most)"
+            self._gave_up(work, JobFailed(event.ticket, failover.BUSY, message))
+
+    def _let_go(self, ticket: JobRef) -> _Work | None:
+        """The job the line let go of (it woke it, or had no place for it), out of waiting; ``None``: gone."""
+        work = next((w for w in self._waiting if w.ticket == ticket), None)
+        if work is not None:
+            work.ticket = None  # the line no longer holds it: nothing to leave
+            self._stop_waiting(work)
+        return work
 
     def _stop_waiting(self, work: _Work) -> None:
         self._waiting.remove(work)
