@@ -79,11 +79,6 @@ def llm_continuation(params: LlmParams, sent: str, tokens_sent: int) -> LlmParam
     return params.model_copy(update={"answer_prefix": params.answer_prefix + sent, "max_tokens": remaining})
 
 
-def tts_resume_at(pieces_spoken: int) -> int:
-    """Index of the piece to synthesize again: the first one not completely spoken."""
-    return pieces_spoken
-
-
 class Watchdog:
     """The one deadline rule, for a job of any kind (pure: the caller gives the time).
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
 from stream import logs
 from stream.config import Config
+from stream.running import run, until_signalled
 
 from .server import Gateway
 
@@ -25,20 +23,11 @@ async def serve_gateway(config: Config) -> None:
         print(f"  {kind.value} workers: {', '.join(urls)}", flush=True)
     if settings.discover:
         print("  and workers announced by mDNS (_edgestream._tcp)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     print("edgestream gateway: stopping", flush=True)
     await gateway.close()
 
 
 def run_gateway(config: Config) -> None:
     logs.configure(config.log.format, config.log.level)
-    try:
-        import uvloop
-
-        uvloop.run(serve_gateway(config))
-    except ImportError:
-        asyncio.run(serve_gateway(config))
+    run(serve_gateway(config))

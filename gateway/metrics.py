@@ -39,7 +39,10 @@ class GatewayMetrics:
         self.sessions = Counter("edgestream_sessions", "Sessions opened.", registry=r)
         self.errors = Counter("edgestream_errors", "Errors sent to clients (signaling and session events), by code.", ["code"], registry=r)
         self.jobs = Counter(
-            "edgestream_jobs", "Jobs given to workers, by outcome (ok, failed, cancelled, error, skipped: a prefill not worth the last free slot).", ["kind", "worker", "outcome"], registry=r
+            "edgestream_jobs",
+            "Jobs given to workers, by outcome (ok, failed, cancelled, error, skipped: a prefill not worth the last free slot).",
+            ["kind", "worker", "outcome"],
+            registry=r,
         )
         self.decisions = Counter(
             "edgestream_selection_decisions",
@@ -47,9 +50,7 @@ class GatewayMetrics:
             ["kind", "worker", "policy", "attempt"],
             registry=r,
         )
-        self.client_messages_dropped = Counter(
-            "edgestream_client_messages_dropped", "Messages on the events channel dropped by the rate limit.", registry=r
-        )
+        self.client_messages_dropped = Counter("edgestream_client_messages_dropped", "Messages on the events channel dropped by the rate limit.", registry=r)
         self.failovers = Counter("edgestream_failovers", "Jobs moved to another worker mid-turn.", ["kind"], registry=r)
         self.ingest_lag_seconds = Histogram(
             "edgestream_ingest_lag_seconds",

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from stream.ewma import Ewma
 from stream.protocol import WorkerKind
 
 PRIOR_SECONDS_PER_UNIT: dict[WorkerKind, float] = {
@@ -40,22 +41,6 @@ PRIOR_SECONDS_PER_UNIT: dict[WorkerKind, float] = {
     WorkerKind.VISION: 0.5,  # per frame
 }
 """What a unit of work costs before a worker has been measured (the embedded models on 2 cores)."""
-
-
-class Ewma:
-    """Exponentially weighted moving average; ``alpha`` weighs the newest sample."""
-
-    def __init__(self, alpha: float) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError("alpha must be in (0, 1]")
-        self.alpha = alpha
-        self.value: float | None = None
-        self.at: float = -math.inf
-        """When the last sample was taken (the caller's clock)."""
-
-    def observe(self, sample: float, at: float) -> None:
-        self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
-        self.at = at
 
 
 @dataclass

@@ -37,6 +37,7 @@ import logging
 import mimetypes
 from collections.abc import Callable
 from http import HTTPStatus
+from importlib import resources
 from pathlib import Path
 
 import websockets
@@ -45,9 +46,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from stream import keys, logs, tls
-from stream.memory import IdleTrim
 from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
 from stream.http import get_and_head_only, json_response, metrics_response, readiness_response, response
+from stream.memory import IdleTrim
 from stream.protocol import WorkerKind
 
 from .limits import ClientRates, PendingConnections, TokenBucket
@@ -59,7 +60,8 @@ from .worker_pool import PoolSettings, WorkerPool
 
 log = logging.getLogger("edgestream.gateway")
 
-WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+WEB_ROOT = Path(str(resources.files("gateway") / "web")).resolve()
+"""The page and the JS SDK: package data (``gateway/web`` links to the repository's ``web/``)."""
 MAX_SIGNALING_BYTES = 64 * 1024
 OFFER_TIMEOUT_S = 10.0
 TOKEN_CHECK_INTERVAL_S = 1.0
@@ -112,9 +114,7 @@ def _front_door(refused: Callable[[str], bool]) -> type[ServerConnection]:
 
 
 class Gateway:
-    def __init__(
-        self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]], security: SecuritySettings = SecuritySettings()
-    ) -> None:
+    def __init__(self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]], security: SecuritySettings = SecuritySettings()) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.tokens = TokenChecker(security.client_tokens_file) if security.client_tokens_file else None
@@ -144,7 +144,7 @@ class Gateway:
         """Addresses told ``rate_limited`` at the handshake in their current flood (at most ``TOLD_ADDRESSES``)."""
         self.discovery = None
         if settings.loopback_ice:
-            from .loopback import allow_loopback_ice
+            from stream.loopback import allow_loopback_ice
 
             allow_loopback_ice()
 
@@ -238,7 +238,7 @@ class Gateway:
                     self.pending.done(key)
         refusal, evicted = self.pending.admit_or_evict(connection, address)
         if isinstance(evicted, ServerConnection):  # the biggest holder's oldest place went to the newcomer
-            self._log_refusal("%s:%s" % evicted.remote_address[:2], "too_many_pending", "evicted for a connection from another address")
+            self._log_refusal(logs.peer_label(evicted.remote_address), "too_many_pending", "evicted for a connection from another address")
             closing = asyncio.ensure_future(evicted.close(1013, "too_many_pending"))
             self._evictions.add(closing)  # held until done: the loop keeps only a weak reference
             closing.add_done_callback(self._evictions.discard)
@@ -262,7 +262,7 @@ class Gateway:
         return False
 
     async def _handle(self, websocket: ServerConnection) -> None:
-        peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"
+        peer = logs.peer_label(websocket.remote_address)
         try:
             async with asyncio.timeout(OFFER_TIMEOUT_S):
                 try:

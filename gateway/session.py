@@ -200,10 +200,12 @@ class Session:
                     self.video_frames_dropped += 1
                     if self.video_frames_dropped == 1:
                         log.warning("camera frames of %dx%d dropped (max_video_pixels %d)", frame.width, frame.height, limit)
-                        self.send(ErrorEvent(
-                            code="video_too_large",
-                            message=f"camera frames of {frame.width}x{frame.height} are dropped: this gateway takes {limit} pixels at most",
-                        ))
+                        self.send(
+                            ErrorEvent(
+                                code="video_too_large",
+                                message=f"camera frames of {frame.width}x{frame.height} are dropped: this gateway takes {limit} pixels at most",
+                            )
+                        )
                     continue
                 self.latest_frame = frame  # latest wins: nothing queues
                 self.video_frames += 1

@@ -66,7 +66,7 @@ class TokenFile:
         try:
             return [TokenEntry(str(e["name"]), str(e["sha256"]), str(e.get("created", ""))) for e in raw["tokens"]]
         except (KeyError, TypeError) as exc:
-            raise TokenFileError(f"{self.path}: not a token file (expected {{\"tokens\": [...]}}): {exc}") from None
+            raise TokenFileError(f'{self.path}: not a token file (expected {{"tokens": [...]}}): {exc}') from None
 
     def create(self, name: str) -> str:
         """Add a token named ``name`` and return it (it is not stored, only its hash)."""
@@ -76,7 +76,7 @@ class TokenFile:
         if any(entry.name == name for entry in entries):
             raise TokenFileError(f"a token named {name!r} exists; revoke it first")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         self._write([*entries, TokenEntry(name, digest(token), created)])
         return token
 

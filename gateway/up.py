@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stream.config import Config
 from stream.protocol import WorkerKind
+from stream.running import until_signalled
 
 
 async def _relay(name: str, stream: asyncio.StreamReader) -> None:
@@ -27,18 +28,14 @@ async def run_system(config: Config, config_path: Path | None) -> int:
     processes: dict[str, asyncio.subprocess.Process] = {}
     relays = []
     for name in ["gateway", *(kind.value for kind in WorkerKind)]:
-        args = [sys.executable, "-m", "stream"] + (["gateway"] if name == "gateway" else ["worker", name])
+        args = [sys.executable, "-m", "gateway"] + (["gateway"] if name == "gateway" else ["worker", name])
         if config_path is not None:
             args += ["--config", str(config_path)]
         process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         processes[name] = process
         relays.append(asyncio.create_task(_relay(name, process.stdout)))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     exits = {name: asyncio.create_task(p.wait()) for name, p in processes.items()}
-    stopper = asyncio.create_task(stop.wait())
+    stopper = asyncio.create_task(until_signalled())
     done, _ = await asyncio.wait([stopper, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
     code = 0
     for name, task in exits.items():

@@ -33,9 +33,7 @@ class _SharedSession:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
-            cls._session = onnxruntime.InferenceSession(
-                str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            cls._session = onnxruntime.InferenceSession(str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"])
         return cls._session
 
 

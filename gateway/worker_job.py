@@ -177,9 +177,7 @@ class WorkerJob:
             except TimeoutError:
                 if self._overflowed:
                     continue
-                can_move = self.pool.has_worker(
-                    self.ref.kind, model=self.start.model, exclude=self.start.exclude | {lease.worker_id}
-                )
+                can_move = self.pool.has_worker(self.ref.kind, model=self.start.model, exclude=self.start.exclude | {lease.worker_id})
                 if self.watchdog.overdue(self._loop.time(), can_move):
                     waited = self._loop.time() - (self.watchdog.owed_since or self._loop.time())
                     raise Stalled(f"no output from {lease.worker_id} within {waited:.3g} s") from None
@@ -282,4 +280,3 @@ class WorkerJob:
     def _report(self, event: JobEvent) -> None:
         if not self._cancelled:
             self.report(event)
-

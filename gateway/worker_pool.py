@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from stream.backoff import Backoff
 from stream.protocol import ErrorCode, WorkerKind
 from stream.worker_client import JobFailed, WorkerClient
 
@@ -123,7 +124,7 @@ class PooledWorker:
             if connected_at is not None and time.monotonic() - connected_at >= settings.stable_after_s:
                 self.failures = 0
             self.failures += 1
-            delay = min(settings.retry_max_s, settings.retry_min_s * 2 ** (self.failures - 1))
+            delay = Backoff(settings.retry_min_s, settings.retry_max_s, jitter=0.0).delay(self.failures)
             level = logging.WARNING if connected_at is not None or self.failures == 1 else logging.DEBUG
             log.log(level, "%s worker %s out of rotation: %s; retry in %.2g s", self.kind.value, self.url, self.problem, delay)
             await asyncio.sleep(delay)
@@ -345,5 +346,6 @@ class WorkerPool:
     async def wait_ready(self, kinds: list[WorkerKind], timeout: float) -> None:
         async with asyncio.timeout(timeout):
             for kind in kinds:
-                while not self.available(kind):
+                # Availability follows link events of every member: a 50 ms poll under the deadline is the plain reading.
+                while not self.available(kind):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)

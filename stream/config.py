@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from stream.protocol import WorkerKind
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(resources.files("stream") / "configs")).resolve()
+"""The default configs: package data (``stream/configs`` links to the repository's ``configs/``)."""
 DEFAULT_CONFIG = CONFIG_DIR / "one-box.toml"
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -77,9 +79,7 @@ class SttSettings(WorkerSettings):
 class LlmSettings(WorkerSettings):
     port: Port = 8702
     n_ctx: Annotated[int, Field(ge=256, le=262144)] = 2048
-    system_prompt: str = (
-        "You are a helpful voice assistant. Answer in one or two short sentences."
-    )
+    system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."
     chat_format: str = ""
     """llama.cpp chat format name; empty uses the template inside the GGUF."""
 
@@ -150,7 +150,7 @@ class GatewaySettings(_Section):
     spoken, so the answer's first token waits only for the last words."""
     first_piece_words: Annotated[int, Field(ge=1, le=64)] = 3
     """The first piece of an answer's speech ends at the first punctuation or after this
-    many words, whichever comes first (``stream/clauses.py``): speech starts after a handful of
+    many words, whichever comes first (``gateway/clauses.py``): speech starts after a handful of
     tokens. Chosen on ``bench voice``: 3 took most of what 2 gains over 4 (README, *Voice to voice*)."""
     max_history_turns: Annotated[int, Field(ge=0, le=1000)] = 8
     system_prompt: str = "You are a helpful voice assistant. Answer in one or two short sentences."

@@ -8,16 +8,16 @@ a WebSocket path goes on to the handshake, anything else gets one of these.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import json
+import ssl
 from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
-from websockets.asyncio.server import ServerConnection
 
 
 def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
@@ -69,9 +69,7 @@ async def get(url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | Non
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            parts.hostname, parts.port or (443 if secure else 80), ssl=(ssl_context or True) if secure else None
-        )
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or (443 if secure else 80), ssl=(ssl_context or True) if secure else None)
         try:
             writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
             data = await reader.read()

@@ -52,6 +52,11 @@ def install() -> None:
         _installed = True
 
 
+def peer_label(address: tuple[object, ...] | None) -> str:
+    """``host:port`` of a socket's peer for log lines; ``?`` when the socket does not know it."""
+    return f"{address[0]}:{address[1]}" if address else "?"
+
+
 def turn_label(session: str, number: int) -> str:
     """The system-wide id of turn ``number`` of ``session``."""
     return f"{session}.{number}"

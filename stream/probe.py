@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ async def run_probe(kind: WorkerKind, argument: str, url: str, out: Path | None)
                     write_wav(out, np.concatenate([c.pcm for c in chunks]), chunks[0].sample_rate)
                     print(f"wrote {out}")
             else:
-                data = Path(argument).read_bytes()
+                data = await asyncio.to_thread(Path(argument).read_bytes)
                 fmt = MediaFormat.PNG if data[:4] == b"\x89PNG" else MediaFormat.JPEG
                 result = await client.analyze_image(data, fmt)
                 for line in result.lines:

@@ -28,12 +28,10 @@ import asyncio
 import contextlib
 import fractions
 import json
-import random
 import ssl
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import av
@@ -44,6 +42,7 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import FrameClock, Resampler, audio_frame
+from .backoff import Backoff
 
 RATE = 48_000
 FRAME = 960  # 20 ms
@@ -117,27 +116,6 @@ class CameraTrack(MediaStreamTrack):
         frame.pts = int(self._count * 90_000 / self.fps)
         frame.time_base = fractions.Fraction(1, 90_000)
         return frame
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """How a session retries after losing the gateway: exponential delays with jitter.
-
-    Attempt ``n`` (from 1) waits ``min(max_s, initial_s * factor ** (n - 1))``,
-    scaled by a random factor in ``[1 - jitter, 1 + jitter]`` so that many
-    clients cut off together do not all come back in the same instant.
-    """
-
-    initial_s: float = 0.5
-    max_s: float = 10.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    max_attempts: int | None = None
-    """Give up after this many failed attempts in a row (``None``: never)."""
-
-    def delay(self, attempt: int) -> float:
-        base = min(self.max_s, self.initial_s * self.factor ** (attempt - 1))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
 FINAL_CODES = frozenset({"unauthorized", "token_revoked", "bad_offer", "malformed"})
@@ -222,13 +200,19 @@ class GatewaySession:
         across gateway restarts; the first connection must still succeed.
         """
         if loopback_ice:
-            from gateway.loopback import allow_loopback_ice
+            from stream.loopback import allow_loopback_ice
 
             allow_loopback_ice()
         backoff = Backoff() if reconnect is True else (reconnect or None)
         self = cls(
-            url, microphone=microphone, camera=camera, keep_answer_s=keep_answer_s,
-            token=token, ssl_context=ssl_context, timeout=timeout, reconnect=backoff,
+            url,
+            microphone=microphone,
+            camera=camera,
+            keep_answer_s=keep_answer_s,
+            token=token,
+            ssl_context=ssl_context,
+            timeout=timeout,
+            reconnect=backoff,
         )
         try:
             await self._open()
@@ -340,7 +324,7 @@ class GatewaySession:
 
     def _add_event(self, event: dict[str, Any]) -> None:
         self.events.append(event)
-        asyncio.ensure_future(self._notify())
+        self._spawn(self._notify())
 
     async def _notify(self) -> None:
         async with self._event_added:

@@ -279,9 +279,7 @@ class WorkerClient:
 
     # -- conveniences, one per kind ------------------------------------------
 
-    async def transcribe(
-        self, samples: np.ndarray, *, frame_s: float = 0.02, pace: bool = False, params: SttParams | None = None
-    ) -> AsyncIterator[SttResult]:
+    async def transcribe(self, samples: np.ndarray, *, frame_s: float = 0.02, pace: bool = False, params: SttParams | None = None) -> AsyncIterator[SttResult]:
         """Stream 16 kHz mono int16 ``samples`` as one utterance; yield partials, then the final."""
         job = await self.start_job(params or SttParams())
         step = int(frame_s * STT_SAMPLE_RATE)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import jiwer
 import numpy as np
 import pytest
 import pytest_asyncio
 
+from gateway.harness.speech import piper_voice
 from gateway.server import Gateway
-from stream.audio import resample
 from stream.config import Config, GatewaySettings
 from stream.protocol import WorkerKind
-from stream.protocol.jobs import STT_SAMPLE_RATE
 from stream.worker_client import WorkerClient
 from workers.engine import Engine
 from workers.launch import load_engine
@@ -52,9 +52,7 @@ async def start_worker() -> AsyncIterator[StartWorker]:
     """Start a worker server on a free loopback port; all are closed after the test."""
     servers: list[WorkerServer] = []
 
-    async def start(
-        kind: WorkerKind, capacity: int = 2, engine: Engine | None = None, **options: object
-    ) -> tuple[WorkerServer, str]:
+    async def start(kind: WorkerKind, capacity: int = 2, engine: Engine | None = None, **options: object) -> tuple[WorkerServer, str]:
         server = WorkerServer(engine or engine_for(kind), capacity=capacity, **options)
         port = await server.start("127.0.0.1", 0)
         servers.append(server)
@@ -80,20 +78,10 @@ async def connect() -> AsyncIterator[Callable[[str], Awaitable[WorkerClient]]]:
 
 
 @pytest.fixture(scope="session")
-def speak() -> Callable[[str], np.ndarray]:
+def speak() -> Iterator[Callable[[str], np.ndarray]]:
     """Speech for a sentence, spoken by piper (exact words known), as 16 kHz mono int16."""
-    from piper import SynthesisConfig
-
-    tts = engine_for(WorkerKind.TTS)
-    cache: dict[str, np.ndarray] = {}
-
-    def say(text: str) -> np.ndarray:
-        if text not in cache:
-            pcm = tts.synthesize(text, SynthesisConfig())
-            cache[text] = resample(pcm, tts.sample_rate, STT_SAMPLE_RATE)
-        return cache[text]
-
-    return say
+    with piper_voice() as say:
+        yield functools.cache(say)
 
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -122,6 +110,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, inter
 
 
 # -- a gateway with one in-process worker of each kind ------------------------------------
+
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def workers(start_worker):

@@ -48,11 +48,9 @@ class Host:
         """Run a command "on" this host; stdout is piped, stderr goes to ``log``."""
         stderr: BinaryIO | int = asyncio.subprocess.DEVNULL
         if log is not None:
-            stderr = open(log, "ab")  # noqa: SIM115, ASYNC230 (closed in Lan.close)
+            stderr = open(log, "ab")
             self.logs.append(stderr)
-        process = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.name, *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO
-        )
+        process = await asyncio.create_subprocess_exec("ip", "netns", "exec", self.name, *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO)
         self.processes.append(process)
         return process
 

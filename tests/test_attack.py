@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.attack import ATTACKS, run_attacks
+from gateway.harness.attack import ATTACKS, run_attacks
 from stream.config import GatewaySettings
 
 

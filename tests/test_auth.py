@@ -45,8 +45,15 @@ OTHER_KEY = bytes(range(1, 33))
 
 def hello(challenge: str | None) -> Hello:
     return Hello(
-        worker_id="stt-1", kind=WorkerKind.STT, model_id="m", model_sha256="a" * 64, capacity=2, software="t",
-        max_text_bytes=1 << 16, max_frame_bytes=1 << 20, challenge=challenge,
+        worker_id="stt-1",
+        kind=WorkerKind.STT,
+        model_id="m",
+        model_sha256="a" * 64,
+        capacity=2,
+        software="t",
+        max_text_bytes=1 << 16,
+        max_frame_bytes=1 << 20,
+        challenge=challenge,
     )
 
 
@@ -123,7 +130,7 @@ def test_a_wrong_key_fails_on_each_side():
 
 
 def test_proofs_cannot_be_reflected_or_replayed():
-    client, worker = handshake(KEY, KEY)
+    client, _worker = handshake(KEY, KEY)
     auth = Auth.model_validate_json(client.send(client.auth()))
     # A rogue worker echoing the client's own proof back as its auth.ok.
     with pytest.raises(ProtocolError):
@@ -237,7 +244,7 @@ async def test_rogue_workers_never_receive_audio_and_a_rogue_gateway_gets_no_wor
     key_file = tmp_path / "worker.key"
     create_key_file(key_file)
     key = load_key(key_file)
-    _, urls = workers
+    _, _urls = workers
     rogues = [RogueWorker(None), RogueWorker(OTHER_KEY)]
     for rogue in rogues:
         await rogue.start()

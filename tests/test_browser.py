@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from gateway.harness.figures import free_port
 from gateway.server import Gateway
 from stream.audio import resample, write_wav
 from stream.config import GatewaySettings
@@ -186,12 +186,6 @@ async def bare_gateway() -> AsyncIterator[Gateway]:
     await gateway.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # -- error states: each is said plainly, and the page can start again ----------------------
 
 
@@ -249,8 +243,17 @@ async def test_gateway_killed_mid_session_is_explained(open_page, question_wav):
 
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream", "gateway", "--host", "127.0.0.1", "--port", str(port), "--loopback-ice",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "gateway",
+        "gateway",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loopback-ice",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         async with asyncio.timeout(60):

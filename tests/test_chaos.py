@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.chaos import run_chaos, words_heard
+from gateway.harness.chaos import run_chaos, words_heard
 
 
 def test_words_heard_counts_the_reference_words_in_the_transcript():

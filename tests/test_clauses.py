@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import stream.clauses
-from stream.clauses import SpeechChunker, speakable
+import gateway.clauses
+from gateway.clauses import SpeechChunker, speakable
 
 
 def cut(text: str, piece_size: int = 3, **options: int) -> list[str]:
@@ -89,8 +89,8 @@ def test_a_run_of_punctuation_costs_linear_time(monkeypatch):
     """8,000 dots (a TTS worker once spent 23 s on them): hard cuts every ``max_chars``, and the
     segmenter only ever sees the bounded text since the last cut."""
     seen: list[int] = []
-    real = stream.clauses.sentencex.segment
-    monkeypatch.setattr(stream.clauses.sentencex, "segment", lambda lang, text: seen.append(len(text)) or real(lang, text))
+    real = gateway.clauses.sentencex.segment
+    monkeypatch.setattr(gateway.clauses.sentencex, "segment", lambda lang, text: seen.append(len(text)) or real(lang, text))
     text = "." * 8000 + " Then. And " + "a. " * 2000
     chunker = SpeechChunker(max_chars=200)
     pieces = []

@@ -5,25 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
+from gateway.harness.figures import free_port
 from stream.audio import write_wav
 from stream.protocol import WorkerKind
 from tests.conftest import word_error_rate
 from tests.test_worker_vision import encoded, sign
 
-EDGESTREAM = [sys.executable, "-m", "stream"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+EDGESTREAM = [sys.executable, "-m", "gateway"]
 
 
 async def http_get(port: int, path: str) -> str:
@@ -47,8 +41,16 @@ class RunningWorker:
 
 async def start_worker_process(kind: WorkerKind, *extra: str) -> RunningWorker:
     process = await asyncio.create_subprocess_exec(
-        *EDGESTREAM, "worker", kind.value, "--host", "127.0.0.1", "--port", "0", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *EDGESTREAM,
+        "worker",
+        kind.value,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     banner = ""
     async with asyncio.timeout(120):
@@ -131,12 +133,9 @@ async def test_up_starts_one_worker_of_each_kind_and_stops_them(tmp_path: Path):
     ports = {kind: free_port() for kind in WorkerKind}
     gateway_port = free_port()
     config.write_text(
-        "".join(f"[workers.{kind.value}]\nport = {ports[kind]}\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind)
-        + f"[gateway]\nport = {gateway_port}\n"
+        "".join(f"[workers.{kind.value}]\nport = {ports[kind]}\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind) + f"[gateway]\nport = {gateway_port}\n"
     )
-    process = await asyncio.create_subprocess_exec(
-        *EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
+    process = await asyncio.create_subprocess_exec(*EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     urls: dict[str, str] = {}
     output = ""
     try:

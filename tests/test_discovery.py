@@ -42,7 +42,19 @@ def test_a_good_announcement_becomes_a_url():
         (good(), ["198.18.0.3"], None, "bad port"),
         ({b"kind": b"stt"}, ["198.18.0.3"], 8701, "protocol version"),
     ],
-    ids=["unknown-kind", "bad-hash", "upper-case-hash", "other-protocol", "capacity-text", "capacity-zero", "no-model", "no-address", "unusable-address", "no-port", "almost-empty"],
+    ids=[
+        "unknown-kind",
+        "bad-hash",
+        "upper-case-hash",
+        "other-protocol",
+        "capacity-text",
+        "capacity-zero",
+        "no-model",
+        "no-address",
+        "unusable-address",
+        "no-port",
+        "almost-empty",
+    ],
 )
 def test_bad_announcements_say_what_is_wrong(props, addresses, port, problem):
     with pytest.raises(BadAnnouncement, match=problem):

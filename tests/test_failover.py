@@ -54,11 +54,6 @@ def test_llm_continues_after_the_text_already_sent():
     assert failover.llm_continuation(params, "x" * 10, 400).max_tokens == 1
 
 
-def test_tts_resumes_at_the_first_piece_not_fully_spoken():
-    assert failover.tts_resume_at(0) == 0
-    assert failover.tts_resume_at(2) == 2
-
-
 # -- a worker dying mid-turn ------------------------------------------------------------
 
 

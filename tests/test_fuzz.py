@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from stream import fuzz
+from gateway.harness import fuzz
 from stream.protocol import Connection
 
 
@@ -16,7 +16,10 @@ def test_short_fuzz_run_finds_no_crash(tmp_path):
 
 
 def test_a_crash_is_reported_with_its_input(tmp_path, monkeypatch):
+    fed: set[bytes] = set()
+
     def broken(self, data):
+        fed.add(bytes(data))
         raise KeyError("a bug")
 
     monkeypatch.setattr(Connection, "receive_binary", broken)
@@ -24,4 +27,5 @@ def test_a_crash_is_reported_with_its_input(tmp_path, monkeypatch):
     assert report["crashes"] == 200  # every binary frame (half of them)
     assert sorted(report["crash_kinds"]) == ["KeyError in binary on client", "KeyError in binary on worker"]
     for entry in report["crash_kinds"].values():
-        assert entry["count"] == 100 and bytes.fromhex(entry["input_hex"]) is not None and "a bug" in entry["traceback"]
+        assert entry["count"] == 100 and "a bug" in entry["traceback"]
+        assert bytes.fromhex(entry["input_hex"]) in fed  # the input reported is one that crashed, byte for byte

@@ -92,7 +92,7 @@ async def test_barge_in_stops_playout_and_cancels_the_answer(gateway, workers, s
 async def test_camera_text_reaches_the_answer_context(gateway, workers, speak):
     from tests.test_worker_vision import sign
 
-    servers, _ = workers
+    _servers, _ = workers
     image = np.asarray(sign("EXIT GATE 7"))
     session = await GatewaySession.connect(gateway.url, camera=image, loopback_ice=True)
     try:
@@ -110,6 +110,7 @@ async def test_camera_text_reaches_the_answer_context(gateway, workers, speak):
 
 
 # -- bad input: each gets a clear error; the gateway and other sessions keep going --------
+
 
 async def signaling_reply(url: str, message: str) -> dict:
     async with websockets.connect(url) as websocket:
@@ -309,9 +310,9 @@ async def test_three_people_speaking_at_once_on_two_stt_slots_are_all_answered(s
         await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
         questions = ["Please turn on the kitchen lights.", "What is the weather like in Paris today?", "My favorite color is green."]
         sessions = [await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True) for _ in questions]
-        await asyncio.gather(*(s.say(with_silence(speak(q), after_s=1.0), 16000) for s, q in zip(sessions, questions)))
+        await asyncio.gather(*(s.say(with_silence(speak(q), after_s=1.0), 16000) for s, q in zip(sessions, questions, strict=True)))
         finals = await asyncio.gather(*(s.wait_event("transcript.final", timeout=60) for s in sessions))
-        for question, final in zip(questions, finals):
+        for question, final in zip(questions, finals, strict=True):
             assert word_error_rate(question, final["text"]) <= 0.5, (question, final)
         done = await asyncio.gather(*(s.wait_event("answer.done", timeout=90) for s in sessions))
         assert all(d["text"].strip() for d in done)

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 import websockets
 
-from gateway.attack import UnpluggedMicrophone
+from gateway.harness.attack import UnpluggedMicrophone
 from gateway.limits import ClientRates, PendingConnections, TokenBucket
 from gateway.server import Gateway
 from gateway.session import CLIENT_MESSAGE_BURST
@@ -74,9 +74,7 @@ def test_a_turn_that_goes_on_too_long_is_cut_and_no_audio_is_lost(speak):
 @pytest_asyncio.fixture(loop_scope="session")
 async def limited_gateway(workers):
     _, urls = workers
-    settings = GatewaySettings(
-        loopback_ice=True, port=0, ice_timeout_s=5, max_utterance_s=2, max_answer_tokens=4, max_video_pixels=160 * 120
-    )
+    settings = GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, max_utterance_s=2, max_answer_tokens=4, max_video_pixels=160 * 120)
     gateway = Gateway(settings, urls)
     port = await gateway.start("127.0.0.1", 0)
     await gateway.pool.wait_ready(list(WorkerKind), timeout=10)
@@ -247,6 +245,7 @@ async def test_idle_signaling_connections_are_capped_and_a_real_client_gets_in(w
         return refused.value.response.body
 
     async with contextlib.AsyncExitStack() as stack:
+
         async def idle_from(address: str):
             return await stack.enter_async_context(websockets.connect(url, **_from(address)))
 

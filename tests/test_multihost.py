@@ -133,22 +133,39 @@ async def system(tmp_path_factory):
         tokens = TokenFile(logs / "tokens.json")
         system.token = tokens.create("multihost-client")
         system.ssl_context = tls.client_context(cert)
-        security = (
-            "[security]\n"
-            f'worker_key_file = "{logs / "worker.key"}"\n'
-            f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"\n'
-        )
+        security = f'[security]\nworker_key_file = "{logs / "worker.key"}"\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"\n'
         (logs / "worker.toml").write_text(security)
         for role in WORKER_ROLES:
             host = lan.hosts[role]
             kind = role.rstrip("0123456789")
-            argv = [PYTHON, "-m", "stream", "worker", kind, "--config", str(logs / "worker.toml"),
-                    "--host", host.address, "--capacity", "1", "--threads", "1", "--announce"]
+            argv = [
+                PYTHON,
+                "-m",
+                "gateway",
+                "worker",
+                kind,
+                "--config",
+                str(logs / "worker.toml"),
+                "--host",
+                host.address,
+                "--capacity",
+                "1",
+                "--threads",
+                "1",
+                "--announce",
+            ]
             if role == "stt2":  # the far one: listens on the next port, announced at the relay's
                 argv += ["--port", str(WORKER_PORT + 1), "--announce-address", f"{host.address}:{WORKER_PORT}"]
                 relay = await host.spawn(
-                    PYTHON, "-m", "stream.delay_relay", "--listen", f"{host.address}:{WORKER_PORT}",
-                    "--target", f"{host.address}:{WORKER_PORT + 1}", "--delay-ms", str(RELAY_DELAY_MS),
+                    PYTHON,
+                    "-m",
+                    "gateway.harness.delay_relay",
+                    "--listen",
+                    f"{host.address}:{WORKER_PORT}",
+                    "--target",
+                    f"{host.address}:{WORKER_PORT + 1}",
+                    "--delay-ms",
+                    str(RELAY_DELAY_MS),
                 )
                 await read_until(relay, b"relay", timeout=30)
             else:
@@ -160,11 +177,9 @@ async def system(tmp_path_factory):
             "[gateway]\n"
             f'host = "{gw.address}"\nport = {GATEWAY_PORT}\n'
             f'discover = true\ndiscover_interfaces = ["{gw.address}"]\n'
-            "max_answer_tokens = 40\njob_deadline_s = 3.0\n"
-            + security
-            + f'client_tokens_file = "{tokens.path}"\n'
+            "max_answer_tokens = 40\njob_deadline_s = 3.0\n" + security + f'client_tokens_file = "{tokens.path}"\n'
         )
-        gateway = await system._spawn("gw", [PYTHON, "-m", "stream", "gateway", "--config", str(config)])
+        gateway = await system._spawn("gw", [PYTHON, "-m", "gateway", "gateway", "--config", str(config)])
         await read_until(gateway, b"listening", timeout=60)
         await system.wait_healthy(WORKER_ROLES, timeout=60)
         yield system

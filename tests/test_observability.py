@@ -172,8 +172,19 @@ async def start_json_logging_worker(kind: WorkerKind, log_file: Path) -> tuple[a
     """``edgestream worker KIND --log-format json`` in its own process, its stderr to ``log_file``."""
     with log_file.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "stream", "worker", kind.value, "--port", "0", "--threads", "1", "--log-format", "json",
-            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            sys.executable,
+            "-m",
+            "gateway",
+            "worker",
+            kind.value,
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
         )
     async with asyncio.timeout(120):
         while line := (await process.stdout.readline()).decode():

@@ -84,7 +84,11 @@ frames = st.builds(
     payload=st.binary(max_size=256),
 ) | st.builds(
     lambda job_id, seq, channels, rate, samples: MediaFrame(job_id, seq, MediaFormat.PCM_S16LE, samples * 2 * channels, channels, rate),
-    job_ids, seqs, st.integers(1, 8), st.integers(1, 2**32 - 1), st.binary(min_size=0, max_size=64).map(lambda b: b[: len(b) // 2 * 2] or b"\0\0")
+    job_ids,
+    seqs,
+    st.integers(1, 8),
+    st.integers(1, 2**32 - 1),
+    st.binary(min_size=0, max_size=64).map(lambda b: b[: len(b) // 2 * 2] or b"\0\0"),
 )
 
 
@@ -158,7 +162,7 @@ def test_malformed_message_names_the_field_and_the_job():
 def test_binary_frame_errors():
     good = encode_frame(MediaFrame(3, 0, MediaFormat.PCM_S16LE, b"\0\0" * 10, 1, 16000))
     with pytest.raises(ProtocolError) as info:
-        decode_frame(good[:HEADER_SIZE - 1], 4096)
+        decode_frame(good[: HEADER_SIZE - 1], 4096)
     assert info.value.code is ErrorCode.MALFORMED
     with pytest.raises(ProtocolError) as info:
         decode_frame(good, len(good) - 1)

@@ -30,8 +30,14 @@ from stream.protocol import (
 )
 
 HELLO = Hello(
-    worker_id="w", kind=WorkerKind.TTS, model_id="m", model_sha256="a" * 64, capacity=2, software="t",
-    max_text_bytes=1 << 16, max_frame_bytes=1 << 20,
+    worker_id="w",
+    kind=WorkerKind.TTS,
+    model_id="m",
+    model_sha256="a" * 64,
+    capacity=2,
+    software="t",
+    max_text_bytes=1 << 16,
+    max_frame_bytes=1 << 20,
 )
 
 
@@ -67,7 +73,9 @@ def test_job_lifecycle_on_both_sides():
 
 def test_client_requires_hello_first():
     client, worker = Connection(Role.CLIENT), Connection(Role.WORKER, WorkerKind.STT)
-    refused(ErrorCode.BAD_STATE, client.receive_text, LoadReport(running=0, queued=0, capacity=1, service_rate=0, rate_unit="x", jobs_completed=0).model_dump_json())
+    refused(
+        ErrorCode.BAD_STATE, client.receive_text, LoadReport(running=0, queued=0, capacity=1, service_rate=0, rate_unit="x", jobs_completed=0).model_dump_json()
+    )
     with pytest.raises(LocalProtocolError):
         worker.send(LoadReport(running=0, queued=0, capacity=1, service_rate=0, rate_unit="x", jobs_completed=0))
 

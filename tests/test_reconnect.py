@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.bench import free_port
+from gateway.harness.figures import free_port
 from gateway.server import Gateway
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
@@ -77,9 +77,7 @@ async def test_reconnecting_gives_up_after_max_attempts(workers):
     _, urls = workers
     port = free_port()
     gateway = await start_gateway(urls, port)
-    session = await GatewaySession.connect(
-        f"ws://127.0.0.1:{port}/session", loopback_ice=True, reconnect=Backoff(initial_s=0.05, max_s=0.1, max_attempts=3)
-    )
+    session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True, reconnect=Backoff(initial_s=0.05, max_s=0.1, max_attempts=3))
     await gateway.close()  # and no gateway comes back
     async with asyncio.timeout(20):
         await session.closed.wait()

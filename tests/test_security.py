@@ -26,7 +26,7 @@ PYTHON = sys.executable
 
 
 def edgestream(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "stream", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([PYTHON, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_token_file_keeps_hashes_and_names(tmp_path):
@@ -221,7 +221,7 @@ def test_security_config_is_checked_at_load():
 
     with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
         parse_config({"security": {"tls_cert": "/x.crt"}})
-    with pytest.raises(ConfigError, match="security.token_file: unknown key"):
+    with pytest.raises(ConfigError, match=r"security\.token_file: unknown key"):
         parse_config({"security": {"token_file": "/x"}})
     config = parse_config({"security": {"tls_cert": "/x.crt", "tls_key": "/x.key"}})
     assert all(url.startswith("wss://") for urls in config.worker_urls().values() for url in urls)

@@ -20,8 +20,17 @@ from stream.protocol import WorkerKind
 STT = WorkerKind.STT
 
 
-def worker(name: str, *, rtt: float = 0.001, per_unit: float | None = 0.05, at: float = 0.0, capacity: int = 2,
-           in_flight: dict[int, float] | None = None, kind: WorkerKind = STT, healthy: bool = True) -> WorkerEstimate:
+def worker(
+    name: str,
+    *,
+    rtt: float = 0.001,
+    per_unit: float | None = 0.05,
+    at: float = 0.0,
+    capacity: int = 2,
+    in_flight: dict[int, float] | None = None,
+    kind: WorkerKind = STT,
+    healthy: bool = True,
+) -> WorkerEstimate:
     w = WorkerEstimate(worker_id=name, kind=kind, capacity=capacity, healthy=healthy)
     w.rtt.observe(rtt, at)
     if per_unit is not None:

@@ -24,8 +24,26 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12,
 )
-offers = st.fixed_dictionaries({"type": st.sampled_from(["offer", "answer", "OFFER", ""]) | st.text(max_size=8)}, optional={"sdp": json_values | st.text(max_size=300)})
-sdp_lines = st.lists(st.sampled_from(["v=0", "o=- 1 1 IN IP4 0.0.0.0", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111", "a=rtpmap:111 opus/48000/2", "c=IN IP4 0.0.0.0", "a=sendrecv", "m=video 0 RTP/AVP 0"]) | st.text(max_size=40), max_size=10)
+offers = st.fixed_dictionaries(
+    {"type": st.sampled_from(["offer", "answer", "OFFER", ""]) | st.text(max_size=8)}, optional={"sdp": json_values | st.text(max_size=300)}
+)
+sdp_lines = st.lists(
+    st.sampled_from(
+        [
+            "v=0",
+            "o=- 1 1 IN IP4 0.0.0.0",
+            "s=-",
+            "t=0 0",
+            "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+            "a=rtpmap:111 opus/48000/2",
+            "c=IN IP4 0.0.0.0",
+            "a=sendrecv",
+            "m=video 0 RTP/AVP 0",
+        ]
+    )
+    | st.text(max_size=40),
+    max_size=10,
+)
 signaling_messages = (
     st.text(max_size=200)
     | st.binary(max_size=200)

@@ -109,7 +109,7 @@ async def test_a_load_report_tells_a_client_its_own_jobs_from_others(start_worke
 
 
 async def test_service_rate_is_measured(start_worker, connect, speak):
-    server, url = await start_worker(WorkerKind.STT)
+    _server, url = await start_worker(WorkerKind.STT)
     stt = await connect(url)
     [r async for r in stt.transcribe(speak("Please turn on the kitchen lights."))]
     load = await stt.request_load()
@@ -129,8 +129,7 @@ async def test_service_rate_is_measured(start_worker, connect, speak):
         ('{"v": 1, "type": "job.start", "job_id": 1, "kind": "llm"}', "bad_params"),
         ('{"v": 1, "type": "job.start", "job_id": 1, "kind": "stt", "params": {"beam": 5}}', "bad_params"),
     ],
-    ids=["garbage-bytes", "bad-frame-version", "garbage-text", "unknown-type", "bad-version", "unknown-job",
-         "bad-hello", "wrong-kind", "unknown-param"],
+    ids=["garbage-bytes", "bad-frame-version", "garbage-text", "unknown-type", "bad-version", "unknown-job", "bad-hello", "wrong-kind", "unknown-param"],
 )
 async def test_bad_input_gets_a_protocol_error_and_the_connection_survives(start_worker, connect, speak, frame, code):
     _, url = await start_worker(WorkerKind.STT)

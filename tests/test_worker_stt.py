@@ -201,7 +201,7 @@ async def test_partials_back_off_when_decoding_is_slow():
     from workers.stt import PARTIAL_DUTY, _Utterance
 
     engine = _Decodes()
-    job, results = _stt_job()
+    job, _results = _stt_job()
     now = [0.0]
     utterance = _Utterance(job, engine, job.params, clock=lambda: now[0])
     utterance.add(np.zeros(1600, np.int16))
@@ -228,15 +228,16 @@ async def test_memory_a_long_utterance_took_goes_back_once_the_worker_is_idle(st
     """glibc keeps what the decode threads freed unless asked (``workers/memory.py``): RSS would stay at its peak."""
     import os
 
-    from gateway.load_bench import _rss_mb
+    from gateway.harness.figures import rss_mb
     from stream.memory import trim
 
     assert trim()  # glibc: the trim is there to be done
     server, url = await start_worker(WorkerKind.STT, capacity=2)
     sentence = speak("The quick brown fox jumps over the lazy dog, and then it runs far away into the deep green forest.")
     long_speech = np.concatenate([sentence] * 4)  # ~25 s: the 30 s decoding path, on every replica
-    before = _rss_mb(os.getpid())
+    before = rss_mb(os.getpid())
     clients = [await connect(url) for _ in range(2)]
+
     async def final(client) -> str:
         job = await client.start_job({})
         for start in range(0, len(long_speech), STT_SAMPLE_RATE * 5):  # a few big frames: the input queue is not the point
@@ -247,4 +248,4 @@ async def test_memory_a_long_utterance_took_goes_back_once_the_worker_is_idle(st
     results = await asyncio.gather(*(final(c) for c in clients))
     assert all("fox" in text.lower() for text in results), results
     await wait_until(lambda: server.running == 0)
-    await wait_until(lambda: _rss_mb(os.getpid()) < before + 150, timeout=10)
+    await wait_until(lambda: rss_mb(os.getpid()) < before + 150, timeout=10)

@@ -113,7 +113,7 @@ async def test_text_over_the_limit_is_refused_as_it_arrives_not_after_it_is_queu
     from tests.conftest import engine_for
 
     engine = engine_for(WorkerKind.TTS, max_text_chars=1000)
-    server, url = await start_worker(WorkerKind.TTS, capacity=1, engine=engine, max_queue=1)
+    _server, url = await start_worker(WorkerKind.TTS, capacity=1, engine=engine, max_queue=1)
     tts = await connect(url)
     busy = await tts.start_job(TtsParams())  # holds the one slot: the next job waits, its text queued
     await busy.send_text("Hello there, this keeps the worker busy for a moment.")

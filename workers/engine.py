@@ -33,5 +33,5 @@ class Engine(abc.ABC):
     async def run(self, job: Job) -> None:
         """Run ``job`` to completion; raise :class:`~workers.job.JobCancelled` if cancelled."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: engines with nothing to free need not write one
         """Free the model's resources."""

@@ -88,9 +88,7 @@ class Job:
                 async with asyncio.timeout(self.idle_input_s):
                     item = await self.inputs.get()
             except TimeoutError:
-                raise ProtocolError(
-                    ErrorCode.LIMIT, f"no input for {self.idle_input_s:g} s (idle_input_s); the job is ended", self.job_id
-                ) from None
+                raise ProtocolError(ErrorCode.LIMIT, f"no input for {self.idle_input_s:g} s (idle_input_s); the job is ended", self.job_id) from None
             if self.cancelled:
                 raise JobCancelled
             if flushes or not isinstance(item, FlushInput):
@@ -120,8 +118,7 @@ def require_pcm(frame: MediaFrame, sample_rate: int, channels: int = 1) -> np.nd
     if frame.format is not MediaFormat.PCM_S16LE or frame.sample_rate != sample_rate or frame.channels != channels:
         raise ProtocolError(
             ErrorCode.BAD_FORMAT,
-            f"expected {channels}-channel s16le PCM at {sample_rate} Hz, got {frame.format.name} "
-            f"{frame.channels} ch at {frame.sample_rate} Hz",
+            f"expected {channels}-channel s16le PCM at {sample_rate} Hz, got {frame.format.name} {frame.channels} ch at {frame.sample_rate} Hz",
             frame.job_id,
         )
     return np.frombuffer(frame.payload, dtype="<i2")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import threading
 import time
 
 from stream import keys, logs, tls
 from stream.config import ExposureError, LogSettings, SecuritySettings, WorkerSettings, is_loopback
 from stream.protocol import WorkerKind
+from stream.running import run, until_signalled
 
 from .engine import Engine
 from .model_files import ModelFile, resolve_model
@@ -87,7 +87,12 @@ def warn_if_oversubscribed(kind: WorkerKind, settings: WorkerSettings, cores: in
     log.warning(
         "%s worker: capacity %d x threads %d = %d threads on %d cores: jobs running at once will spin-wait for each "
         "other and run many times slower; set threads to %d or less",
-        kind.value, settings.capacity, settings.threads, wanted, cores, max(1, cores // settings.capacity),
+        kind.value,
+        settings.capacity,
+        settings.threads,
+        wanted,
+        cores,
+        max(1, cores // settings.capacity),
     )
     return True
 
@@ -131,11 +136,7 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
         announcer = Announcer(server, host, announced_port, tls=ssl_context is not None)
         await announcer.start()
         print(f"  announced by mDNS as {', '.join(announcer.addresses)} port {announced_port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     print(f"edgestream {kind.value} worker: stopping", flush=True)
     if announcer is not None:
         await announcer.close()
@@ -143,14 +144,7 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
     engine.close()
 
 
-def run_worker(
-    kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings(), security: SecuritySettings = SecuritySettings()
-) -> None:
+def run_worker(kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings(), security: SecuritySettings = SecuritySettings()) -> None:
     """The body of ``edgestream worker KIND``."""
     logs.configure(log_settings.format, log_settings.level)
-    try:
-        import uvloop
-
-        uvloop.run(serve_worker(kind, settings, security))
-    except ImportError:  # uvloop has no Windows build
-        asyncio.run(serve_worker(kind, settings, security))
+    run(serve_worker(kind, settings, security))

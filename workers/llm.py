@@ -128,9 +128,7 @@ class ChatPrompt:
         return tokens
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._bos, eos_token=self._eos
-        )
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self._bos, eos_token=self._eos)
 
     def _text(self, text: str, special: bool) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -146,9 +144,7 @@ class LlmEngine(Engine):
         self.system = ChatMessage(role="system", content=settings.system_prompt)
         self._instances: list[Llama] = []
         for _ in range(settings.capacity):
-            llm = Llama(
-                model_path=str(model.path), n_ctx=settings.n_ctx, n_threads=settings.threads, verbose=False
-            )
+            llm = Llama(model_path=str(model.path), n_ctx=settings.n_ctx, n_threads=settings.threads, verbose=False)
             self._instances.append(llm)
         self._prompt = ChatPrompt(self._instances[0])
         self.n_ctx = self._instances[0].n_ctx()
@@ -267,9 +263,7 @@ class LlmEngine(Engine):
         def release() -> None:
             _to_loop(loop, self._release, llm)
 
-        thread = threading.Thread(
-            target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True
-        )
+        thread = threading.Thread(target=self._generate, args=(llm, prompt, budget, params, job, put, release), name=f"llm-job-{job.job_id}", daemon=True)
         started = time.perf_counter()
         self._start_thread(thread, llm)
         tokens = 0
@@ -299,9 +293,7 @@ class LlmEngine(Engine):
                 llm.set_seed(params.seed)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             produced = 0
-            for token in llm.generate(
-                prompt, temp=params.temperature, top_p=params.top_p, top_k=40, repeat_penalty=1.1, reset=True
-            ):
+            for token in llm.generate(prompt, temp=params.temperature, top_p=params.top_p, top_k=40, repeat_penalty=1.1, reset=True):
                 if job.cancel_event.is_set() or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                     break
                 put(decoder.decode(llm.detokenize([token], special=False)))

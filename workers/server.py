@@ -27,6 +27,7 @@ from websockets.http11 import Request, Response
 
 from stream import __version__, logs
 from stream.http import get_and_head_only, json_response, metrics_response, readiness_response
+from stream.memory import IdleTrim
 from stream.protocol import (
     DEFAULT_LIMITS,
     Auth,
@@ -55,7 +56,6 @@ from stream.protocol.jobs import PARAMS_BY_KIND
 
 from .engine import Engine
 from .job import FlushInput, Job, JobCancelled, TextInput
-from stream.memory import IdleTrim
 from .metrics import WorkerMetrics
 from .service_rate import ServiceRate
 
@@ -246,7 +246,7 @@ class WorkerSession:
         self.websocket = websocket
         self.protocol = Connection(Role.WORKER, server.kind, server.limits, key=server.key)
         self.jobs: dict[int, tuple[Job, asyncio.Task[None]]] = {}
-        self.peer = "%s:%s" % websocket.remote_address[:2] if websocket.remote_address else "?"
+        self.peer = logs.peer_label(websocket.remote_address)
 
     async def run(self) -> None:
         reporter: asyncio.Task[None] | None = None
@@ -335,8 +335,12 @@ class WorkerSession:
             )
         first_output = self._first_output_timer()
         job = Job(
-            job_id, params, self._result_sender(job_id, first_output), self._audio_sender(job_id, first_output),
-            trace=message.trace, idle_input_s=self.server.idle_input_s,
+            job_id,
+            params,
+            self._result_sender(job_id, first_output),
+            self._audio_sender(job_id, first_output),
+            trace=message.trace,
+            idle_input_s=self.server.idle_input_s,
         )
         # The job's task, and so every log line about it, carries the gateway's turn id.
         with logs.bound(turn=message.trace, job=f"{self.server.kind.value}/{job_id}"):
@@ -379,9 +383,7 @@ class WorkerSession:
         except asyncio.QueueFull:
             # Never wait here: this loop reads every job's messages, and one job
             # that does not keep up must not stop the others (or its own job.end).
-            raise ProtocolError(
-                ErrorCode.BUSY, f"the job fell {job.inputs.maxsize} inputs behind; the worker is not keeping up", job_id
-            ) from None
+            raise ProtocolError(ErrorCode.BUSY, f"the job fell {job.inputs.maxsize} inputs behind; the worker is not keeping up", job_id) from None
 
     async def _cancel(self, job_id: int) -> None:
         """Stop the job, wait for it to unwind (at its next await), then confirm."""
@@ -460,7 +462,7 @@ class WorkerSession:
 
     async def _finish(self, message: JobDone | Error) -> None:
         """Send a job's last message, unless the job already ended (refused meanwhile)."""
-        if message.job_id is not None and message.job_id in self.protocol.jobs or isinstance(message, Error):
+        if (message.job_id is not None and message.job_id in self.protocol.jobs) or isinstance(message, Error):
             with contextlib.suppress(websockets.ConnectionClosed):
                 await self._send(message)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stream.ewma import Ewma
+
 
 class ServiceRate:
     """Exponentially weighted moving average of ``units / seconds`` per job.
@@ -11,15 +13,16 @@ class ServiceRate:
     """
 
     def __init__(self, alpha: float = 0.3) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError("alpha must be in (0, 1]")
-        self.alpha = alpha
-        self.value = 0.0
+        self._average = Ewma(alpha)
         self.samples = 0
 
-    def observe(self, units: float, seconds: float) -> None:
+    @property
+    def value(self) -> float:
+        """Units per compute second; 0.0 before the first job."""
+        return self._average.value or 0.0
+
+    def observe(self, units: float, seconds: float, at: float = 0.0) -> None:
         if units <= 0 or seconds <= 0:
             return
-        sample = units / seconds
-        self.value = sample if self.samples == 0 else self.alpha * sample + (1 - self.alpha) * self.value
+        self._average.observe(units / seconds, at)
         self.samples += 1

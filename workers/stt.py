@@ -119,9 +119,7 @@ class SttEngine(Engine):
             multilingual = self.whisper.model.is_multilingual
             if not multilingual and language != "en":
                 raise ProtocolError(ErrorCode.BAD_PARAMS, f"this model is English-only, not {language!r}")
-            self._tokenizers[language] = Tokenizer(
-                self.whisper.hf_tokenizer, multilingual, task="transcribe", language=language if multilingual else None
-            )
+            self._tokenizers[language] = Tokenizer(self.whisper.hf_tokenizer, multilingual, task="transcribe", language=language if multilingual else None)
         return self._tokenizers[language]
 
     def transcribe(self, audio: np.ndarray, language: str = "en") -> str:
@@ -186,9 +184,7 @@ class SttEngine(Engine):
                     raise ProtocolError(ErrorCode.BAD_FORMAT, "speech-to-text jobs take PCM frames, not text", job.job_id)
                 pcm = require_pcm(item, STT_SAMPLE_RATE)
                 if utterance.samples + len(pcm) > self.settings.max_utterance_s * STT_SAMPLE_RATE:
-                    raise ProtocolError(
-                        ErrorCode.LIMIT, f"utterance longer than {self.settings.max_utterance_s:g} s", job.job_id
-                    )
+                    raise ProtocolError(ErrorCode.LIMIT, f"utterance longer than {self.settings.max_utterance_s:g} s", job.job_id)
                 utterance.add(pcm)
             text, audio_s = await utterance.final()
         finally:

@@ -1,7 +1,7 @@
 """Text to speech with piper: text in (whole or in pieces), PCM out, piece by piece.
 
 Each ``job.text`` piece is one unit of speech, spoken in order (the gateway
-cuts an answer into pieces with :class:`stream.clauses.SpeechChunker`; the
+cuts an answer into pieces with :class:`gateway.clauses.SpeechChunker`; the
 worker never cuts again); ``params.text`` is a whole text at once. Within a
 unit, piper's own sentence split (espeak-ng) is followed, and each
 sentence's audio is sent as soon as it is synthesized. After each unit's
@@ -78,9 +78,7 @@ class TtsEngine(Engine):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = settings.threads
         options.inter_op_num_threads = 1
-        self.voice.session = onnxruntime.InferenceSession(
-            str(model.path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.voice.session = onnxruntime.InferenceSession(str(model.path), sess_options=options, providers=["CPUExecutionProvider"])
         self.sample_rate = self.voice.config.sample_rate
         # espeak-ng (phonemization) keeps global state: one caller at a time.
         self._phonemize_lock = threading.Lock()

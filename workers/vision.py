@@ -51,9 +51,7 @@ def decode_image(frame: MediaFrame, params: VisionParams) -> Image.Image:
             raise ProtocolError(ErrorCode.BAD_PARAMS, "RGB24 frames need width and height in the job params", frame.job_id)
         expected = params.width * params.height * 3
         if len(frame.payload) != expected:
-            raise ProtocolError(
-                ErrorCode.BAD_FORMAT, f"RGB24 {params.width}x{params.height} needs {expected} bytes, got {len(frame.payload)}", frame.job_id
-            )
+            raise ProtocolError(ErrorCode.BAD_FORMAT, f"RGB24 {params.width}x{params.height} needs {expected} bytes, got {len(frame.payload)}", frame.job_id)
         check_size(params.width, params.height, frame.job_id)
         pixels = np.frombuffer(frame.payload, np.uint8).reshape(params.height, params.width, 3)
         return Image.fromarray(pixels, "RGB")
@@ -89,7 +87,7 @@ class VisionEngine(Engine):
         output = ocr(image)
         lines = []
         if output.txts:
-            for text, score, box in zip(output.txts, output.scores, output.boxes):
+            for text, score, box in zip(output.txts, output.scores, output.boxes, strict=True):
                 lines.append(OcrLine(text=text, score=round(float(score), 4), box=[(float(x), float(y)) for x, y in box]))
         description = self._describer.describe(image, params.prompt) if self._describer and params.describe else None
         return VisionResult(lines=lines, description=description)

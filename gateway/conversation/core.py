@@ -21,7 +21,7 @@ A turn:
    held answer plays, and the STT job, whose flushed transcript is the final
    one, is cancelled (its worker need not decode the same audio again).
 4. The answer: the LLM's tokens stream to the client and into the
-   :class:`~stream.clauses.SpeechChunker`; its pieces stream into one TTS job
+   :class:`~gateway.clauses.SpeechChunker`; its pieces stream into one TTS job
    per answer, whose audio is queued piece by piece on the answer track.
    The answer is over when its last audio has played; the history keeps it.
 
@@ -36,12 +36,13 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel
 
+from gateway.clauses import SpeechChunker
 from stream import logs
-from stream.clauses import SpeechChunker
 from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
 from stream.protocol.jobs import ChatMessage, LlmParams, SttParams, TtsParams, VisionParams, VisionResult
@@ -347,11 +348,15 @@ class Conversation:
         if event.cut:
             limit = self.settings.max_utterance_s
             log.info("turn %s: cut at %g s (max_utterance_s)", turn.id, limit)
-            self._out.append(cmd.Emit(ErrorEvent(
-                code="utterance_too_long",
-                message=f"you spoke for {limit:g} s without a pause; this turn ends there and is answered, and what follows starts the next",
-                turn=turn.number,
-            )))
+            self._out.append(
+                cmd.Emit(
+                    ErrorEvent(
+                        code="utterance_too_long",
+                        message=f"you spoke for {limit:g} s without a pause; this turn ends there and is answered, and what follows starts the next",
+                        turn=turn.number,
+                    )
+                )
+            )
             if turn.answer is not None:
                 self._drop(turn.answer)
             turn.paused = turn.flush_pending = False
@@ -483,8 +488,9 @@ class Conversation:
             answer = work.owner
             if work.kind is WorkerKind.LLM:
                 if event.stats.get("message_cut_tokens"):
-                    log.warning("turn %s: the question was too long for the LLM's context; its first %d tokens were cut",
-                                work.trace, event.stats["message_cut_tokens"])
+                    log.warning(
+                        "turn %s: the question was too long for the LLM's context; its first %d tokens were cut", work.trace, event.stats["message_cut_tokens"]
+                    )
                 self._generated(answer, truncated=bool(event.stats.get("truncated")))
             else:
                 answer.speech_done = True
@@ -523,7 +529,12 @@ class Conversation:
             self._out.append(cmd.CountFailover(work.kind))
             log.warning(
                 "%s job of turn %s failed on %s (%s: %s); %s",
-                work.kind.value, work.trace, event.worker, event.code, event.message, _NEXT_STEP[work.kind],
+                work.kind.value,
+                work.trace,
+                event.worker,
+                event.code,
+                event.message,
+                _NEXT_STEP[work.kind],
             )
             self._start(work)
             return
@@ -607,9 +618,7 @@ class Conversation:
         work.ref = JobRef(work.kind, next(self._serials))
         work.attempts += 1
         self._live[work.ref] = work
-        self._out.append(cmd.StartJob(
-            work.ref, work.params, work.placement, self.models.get(work.kind), frozenset(work.tried), work.trace
-        ))
+        self._out.append(cmd.StartJob(work.ref, work.params, work.placement, self.models.get(work.kind), frozenset(work.tried), work.trace))
         ref, owner = work.ref, work.owner
         if work.kind is WorkerKind.STT and isinstance(owner, _Turn):
             self._out.append(cmd.SendAudio(ref, failover.stt_replay(owner.audio)))
@@ -623,7 +632,7 @@ class Conversation:
             assert owner.image is not None
             self._out += [cmd.SendImage(ref, owner.image.data, owner.image.format), cmd.EndInput(ref)]
         elif work.kind is WorkerKind.TTS and isinstance(owner, _Answer):
-            owner.tts_base = failover.tts_resume_at(owner.pieces_spoken)
+            owner.tts_base = owner.pieces_spoken  # the first piece not completely spoken is synthesized again
             owner.spoken_in_attempt = 0
             if work.attempts > 1:  # what was queued of the piece being spoken will be spoken again
                 self._out.append(cmd.Unplay(owner.turn.number, owner.tts_base))
@@ -848,11 +857,15 @@ class Conversation:
         self._remember(answer.question, answer.text)
         self._out.append(cmd.Emit(AnswerDone(turn=number, text=answer.text, truncated=answer.truncated)))
         if answer.truncated:
-            self._out.append(cmd.Emit(ErrorEvent(
-                code="answer_truncated",
-                message=f"the answer reached max_answer_tokens ({self.settings.max_answer_tokens}) and was cut there",
-                turn=number,
-            )))
+            self._out.append(
+                cmd.Emit(
+                    ErrorEvent(
+                        code="answer_truncated",
+                        message=f"the answer reached max_answer_tokens ({self.settings.max_answer_tokens}) and was cut there",
+                        turn=number,
+                    )
+                )
+            )
         if not answer.turn.failed:
             self._out.append(cmd.CountTurn("answered"))
         self._report_latency(answer)
@@ -912,7 +925,7 @@ class Conversation:
         self._start(self._prefilling)
         return True
 
-    _handlers: dict[type, Callable[[Conversation, object], None]] = {
+    _handlers: ClassVar[dict[type, Callable[[Conversation, object], None]]] = {
         SpeechStarted: _speech_started,
         SpeechAudio: _speech_audio,
         SpeechPaused: _speech_paused,

@@ -83,9 +83,7 @@ class Connection:
     workers; with it, both sides must prove they hold it (:mod:`.auth`).
     """
 
-    def __init__(
-        self, role: Role, kind: WorkerKind | None = None, limits: Limits = DEFAULT_LIMITS, key: bytes | None = None
-    ) -> None:
+    def __init__(self, role: Role, kind: WorkerKind | None = None, limits: Limits = DEFAULT_LIMITS, key: bytes | None = None) -> None:
         if role is Role.WORKER and kind is None:
             raise ValueError("a worker connection needs its kind")
         self.role = role
@@ -143,9 +141,7 @@ class Connection:
                 )
             self._last_job_id = message.job_id
             if message.kind is not self.kind:
-                raise ProtocolError(
-                    ErrorCode.BAD_PARAMS, f"this worker runs {self.kind.value} jobs, not {message.kind.value}", message.job_id
-                )
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"this worker runs {self.kind.value} jobs, not {message.kind.value}", message.job_id)
             self.jobs[message.job_id] = JobPhase.INPUT_OPEN
             return message
         if isinstance(message, (JobText, JobFlush, JobEnd)):
@@ -202,9 +198,7 @@ class Connection:
         if message.challenge is not None and self.key is None:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, f"worker {message.worker_id} requires a key, and this client has none")
         if message.challenge is None and self.key is not None:
-            raise ProtocolError(
-                ErrorCode.UNAUTHORIZED, f"worker {message.worker_id} does not prove that it holds the key: it may not be ours"
-            )
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, f"worker {message.worker_id} does not prove that it holds the key: it may not be ours")
         self.hello = message
         self.kind = message.kind
         return message

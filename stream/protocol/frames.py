@@ -61,18 +61,14 @@ class MediaFrame:
 
 def encode_frame(frame: MediaFrame) -> bytes:
     """Serialize ``frame`` (header + payload)."""
-    header = HEADER.pack(
-        FRAME_VERSION, frame.format, frame.channels, frame.job_id, frame.seq, frame.sample_rate
-    )
+    header = HEADER.pack(FRAME_VERSION, frame.format, frame.channels, frame.job_id, frame.seq, frame.sample_rate)
     return header + frame.payload
 
 
 def decode_frame(data: bytes, max_frame_bytes: int) -> MediaFrame:
     """Parse one binary frame; raise :class:`ProtocolError` for anything malformed."""
     if len(data) > max_frame_bytes:
-        raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"binary frame of {len(data)} bytes exceeds {max_frame_bytes}"
-        )
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"binary frame of {len(data)} bytes exceeds {max_frame_bytes}")
     if len(data) < HEADER_SIZE:
         raise ProtocolError(ErrorCode.MALFORMED, f"binary frame of {len(data)} bytes is shorter than its header")
     version, fmt, channels, job_id, seq, sample_rate = HEADER.unpack_from(data)

@@ -77,7 +77,7 @@ class TtsParams(_Model):
 
     Each ``job.text`` piece is spoken as one unit, in order: the client decides
     where the text is cut (the gateway cuts an answer with
-    :class:`stream.clauses.SpeechChunker`), and the worker never cuts it again.
+    :class:`gateway.clauses.SpeechChunker`), and the worker never cuts it again.
     ``text`` is a whole text at once, spoken sentence by sentence.
     """
 

@@ -31,7 +31,7 @@ Media (audio, images) never travels in JSON: see :mod:`stream.protocol.frames`.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -197,7 +197,7 @@ class LoadReport(_Message):
 
 
 Message = Annotated[
-    Union[Hello, Auth, AuthOk, JobStart, JobText, JobFlush, JobEnd, JobCancel, JobResult, JobDone, Error, LoadRequest, LoadReport],
+    Hello | Auth | AuthOk | JobStart | JobText | JobFlush | JobEnd | JobCancel | JobResult | JobDone | Error | LoadRequest | LoadReport,
     Field(discriminator="type"),
 ]
 MESSAGE_ADAPTER: TypeAdapter[Message] = TypeAdapter(Message)

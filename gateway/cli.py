@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -15,8 +15,8 @@ from stream.protocol import WorkerKind
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time multimodal conversation at the edge.")
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (default: configs/one-box.toml).")]
-LogFormatOption = Annotated[Optional[str], typer.Option("--log-format", help="text, or json (one object per line, with session/turn/job ids).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (default: configs/one-box.toml).")]
+LogFormatOption = Annotated[str | None, typer.Option("--log-format", help="text, or json (one object per line, with session/turn/job ids).")]
 
 
 def _with_log_format(cfg, log_format: str | None):
@@ -54,13 +54,13 @@ def _config(path: Path | None):
 def worker(
     kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
     config: ConfigOption = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on (0: any free port).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model path (default: the embedded model).")] = None,
-    capacity: Annotated[Optional[int], typer.Option(help="Jobs run at once.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads per job.")] = None,
-    announce: Annotated[Optional[bool], typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
-    announce_address: Annotated[Optional[str], typer.Option(help="HOST:PORT to announce instead of the bound one.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (0: any free port).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path (default: the embedded model).")] = None,
+    capacity: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per job.")] = None,
+    announce: Annotated[bool | None, typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
+    announce_address: Annotated[str | None, typer.Option(help="HOST:PORT to announce instead of the bound one.")] = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
@@ -71,9 +71,9 @@ def worker(
 
     cfg = _with_log_format(_config(config), log_format)
     settings = cfg.workers.for_kind(kind)
-    settings = _overridden(settings, dict(
-        host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address
-    ))
+    settings = _overridden(
+        settings, dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address)
+    )
     try:
         run_worker(kind, settings, cfg.log, cfg.security)
     except ExposureError as exc:
@@ -90,10 +90,10 @@ def worker(
 @app.command()
 def gateway(
     config: ConfigOption = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     loopback_ice: Annotated[bool, typer.Option(help="Offer 127.0.0.1 as an ICE candidate (loopback-only machines).")] = False,
-    discover: Annotated[Optional[bool], typer.Option("--discover/--no-discover", help="Use workers announced by mDNS.")] = None,
+    discover: Annotated[bool | None, typer.Option("--discover/--no-discover", help="Use workers announced by mDNS.")] = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
@@ -128,9 +128,9 @@ def up(config: ConfigOption = None) -> None:
 def probe(
     kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
     input: Annotated[str, typer.Argument(help="stt: a WAV file; llm: a prompt; tts: text; vision: a PNG/JPEG file")],
-    url: Annotated[Optional[str], typer.Option(help="Worker URL (default: from the config).")] = None,
+    url: Annotated[str | None, typer.Option(help="Worker URL (default: from the config).")] = None,
     config: ConfigOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="tts: write the speech to this WAV file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="tts: write the speech to this WAV file.")] = None,
 ) -> None:
     """Send one job to a worker and print what comes back, as it streams."""
     from stream.probe import run_probe
@@ -143,9 +143,7 @@ def probe(
 
 token_app = typer.Typer(no_args_is_help=True, help="Client tokens: who may open a session on the gateway.")
 app.add_typer(token_app, name="token")
-TokenFileOption = Annotated[
-    Optional[Path], typer.Option("--file", help=r"Token file (default: \[security] client_tokens_file of the config).")
-]
+TokenFileOption = Annotated[Path | None, typer.Option("--file", help=r"Token file (default: \[security] client_tokens_file of the config).")]
 
 
 def _with_token_file(file: Path | None, config: Path | None, action):
@@ -218,9 +216,7 @@ app.add_typer(cert_app, name="cert")
 @cert_app.command("create")
 def cert_create(
     directory: Annotated[Path, typer.Argument(help="Writes DIR/edgestream.crt and DIR/edgestream.key (mode 600).")],
-    name: Annotated[
-        Optional[list[str]], typer.Option("--name", help="A host name or IP address the boxes are reached at (repeat).")
-    ] = None,
+    name: Annotated[list[str] | None, typer.Option("--name", help="A host name or IP address the boxes are reached at (repeat).")] = None,
     days: Annotated[int, typer.Option(help="Days the certificate is valid.")] = 825,
 ) -> None:
     """A self-signed certificate and key for every box of a LAN (also the CA the gateway and clients trust)."""
@@ -248,7 +244,7 @@ def fuzz_protocol(
     out: Annotated[Path, typer.Option(help="JSON report.")] = Path("fuzz-protocol.json"),
 ) -> None:
     """Mutated control messages and media frames into both sides' protocol state machines; any exception but ProtocolError is a crash."""
-    from stream.fuzz import run_fuzz
+    from gateway.harness.fuzz import run_fuzz
 
     report = run_fuzz(frames, seed, out)
     raise typer.Exit(1 if report["crashes"] else 0)
@@ -263,7 +259,7 @@ def soak(
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("soak.json"),
 ) -> None:
     """Sessions talking to one gateway for a long time (canned models): RSS over time, lost turns, errors."""
-    from gateway.load_bench import run_soak
+    from gateway.harness.load_bench import run_soak
 
     summary = asyncio.run(run_soak(sessions, minutes * 60, sample_every, clients, out))
     raise typer.Exit(1 if summary["lost_turns"] or summary["connected"] < sessions else 0)
@@ -273,10 +269,10 @@ def soak(
 def chaos(
     kills: Annotated[int, typer.Option(help="Kills (kill -9 of a worker holding a live turn's job) to make.")] = 100,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("chaos.json"),
-    logs: Annotated[Optional[Path], typer.Option(help="Directory for the worker processes' output.")] = None,
+    logs: Annotated[Path | None, typer.Option(help="Directory for the worker processes' output.")] = None,
 ) -> None:
     """Kill worker processes mid-turn, again and again (real models, two workers per kind): every turn must be answered."""
-    from gateway.chaos import run_chaos
+    from gateway.harness.chaos import run_chaos
 
     summary = asyncio.run(run_chaos(kills, out, logs))
     raise typer.Exit(1 if summary["lost_turns"] else 0)
@@ -284,13 +280,13 @@ def chaos(
 
 @app.command()
 def attack(
-    only: Annotated[Optional[list[str]], typer.Option("--only", help="Run only this attack (repeat for more); default: all.")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this attack (repeat for more); default: all.")] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("attack.json"),
-    logs: Annotated[Optional[Path], typer.Option(help="Directory for the system's processes' output.")] = None,
+    logs: Annotated[Path | None, typer.Option(help="Directory for the system's processes' output.")] = None,
 ) -> None:
     """Replay the red-team findings against a live system on loopback; per attack: a real spoken turn
     answered, /healthz p99, RSS before/peak/after. Exits 1 if any attack fails."""
-    from gateway.attack import ATTACKS, run_attacks
+    from gateway.harness.attack import ATTACKS, run_attacks
 
     names = only or list(ATTACKS)
     unknown = [n for n in names if n not in ATTACKS]
@@ -306,13 +302,13 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("workers")
 def bench_workers(
-    kinds: Annotated[Optional[list[WorkerKind]], typer.Option("--kind", help="Kinds to measure (default: all).")] = None,
+    kinds: Annotated[list[WorkerKind] | None, typer.Option("--kind", help="Kinds to measure (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Runs per measurement; medians are reported.")] = 5,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-workers.json"),
     config: ConfigOption = None,
 ) -> None:
     """Each worker kind over a real WebSocket on loopback: STT RTF, LLM TTFT and tokens/s, TTS TTFA and RTF, OCR ms."""
-    from workers.bench import run_worker_bench
+    from gateway.harness.worker_bench import run_worker_bench
 
     asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config)))
 
@@ -325,7 +321,7 @@ def bench_selection(
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-selection.json"),
 ) -> None:
     """Worker selection on heterogeneous STT workers (one 4x slower, one 40 ms away): p50/p95 per policy and load."""
-    from gateway.selection_bench import run_selection_bench
+    from gateway.harness.selection_bench import run_selection_bench
 
     asyncio.run(run_selection_bench([float(x) for x in loads.split(",")], jobs, repeats, out))
 
@@ -337,10 +333,10 @@ def bench_gateway_load(
     window: Annotated[float, typer.Option(help="Seconds measured per level (after all sessions are up).")] = 15.0,
     repeats: Annotated[int, typer.Option(help="Runs per level; a level passes on the median run.")] = 1,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-gateway-load.json"),
-    profile: Annotated[Optional[Path], typer.Option(help="Directory for py-spy profiles of the gateway, one per run (needs py-spy).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="Directory for py-spy profiles of the gateway, one per run (needs py-spy).")] = None,
 ) -> None:
     """N talking WebRTC sessions on one gateway (canned models): CPU, ingest lag p50/p99, lost frames; the largest N with p99 < 20 ms."""
-    from gateway.load_bench import run_load_bench
+    from gateway.harness.load_bench import run_load_bench
 
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
@@ -353,7 +349,7 @@ def bench_overhead(
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-overhead.json"),
 ) -> None:
     """The pipeline's own share of a turn (canned models, over real WebRTC): end of turn to first answer audio, p50."""
-    from gateway.overhead_bench import run_overhead_bench
+    from gateway.harness.overhead_bench import run_overhead_bench
 
     asyncio.run(run_overhead_bench(turns, out))
 
@@ -363,20 +359,16 @@ def bench_voice(
     mode: Annotated[str, typer.Option(help="fresh (a new session per question), conversation (all in one session), or both.")] = "both",
     turns: Annotated[int, typer.Option(help="Turns of the conversation mode (after one warm-up turn).")] = 12,
     runs: Annotated[int, typer.Option(help="Runs, each on freshly started processes; medians over runs are reported.")] = 1,
-    slowdown: Annotated[
-        Optional[str], typer.Option(help="Emulate a slower box: CPU quota per process, e.g. stt=8,tts=3,llm=1.5,gateway=2 (needs root).")
-    ] = None,
-    first_piece_words: Annotated[Optional[int], typer.Option(help=r"Override \[gateway] first_piece_words.")] = None,
-    tree: Annotated[Optional[Path], typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
-    logs: Annotated[Optional[Path], typer.Option(help="Directory for the gateway's and workers' output.")] = None,
-    gateway_option: Annotated[
-        Optional[list[str]], typer.Option("--gateway-option", help=r"KEY=VALUE for the \[gateway] section, as TOML (repeat).")
-    ] = None,
+    slowdown: Annotated[str | None, typer.Option(help="Emulate a slower box: CPU quota per process, e.g. stt=8,tts=3,llm=1.5,gateway=2 (needs root).")] = None,
+    first_piece_words: Annotated[int | None, typer.Option(help=r"Override \[gateway] first_piece_words.")] = None,
+    tree: Annotated[Path | None, typer.Option(help="Run the gateway and workers from this checkout (a baseline in the same run).")] = None,
+    logs: Annotated[Path | None, typer.Option(help="Directory for the gateway's and workers' output.")] = None,
+    gateway_option: Annotated[list[str] | None, typer.Option("--gateway-option", help=r"KEY=VALUE for the \[gateway] section, as TOML (repeat).")] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-voice.json"),
     config: ConfigOption = None,
 ) -> None:
     """Voice-to-voice latency over WebRTC on open questions in many voices: p50/p95, stage medians, idle floors."""
-    from gateway.bench import run_voice_bench
+    from gateway.harness.voice_bench import run_voice_bench
 
     modes = ["fresh", "conversation"] if mode == "both" else [mode]
     if any(m not in ("fresh", "conversation") for m in modes):
@@ -394,10 +386,20 @@ def bench_voice(
             typer.echo(f"error: --slowdown: unknown process {name!r} (gateway, stt, llm, tts, vision)", err=True)
             raise typer.Exit(2)
     try:
-        asyncio.run(run_voice_bench(
-            modes, turns, runs, out, _config(config), slowdown=factors, tree=tree, first_piece_words=first_piece_words, logs=logs,
-            gateway_options=dict(option.split("=", 1) for option in gateway_option or [] if "=" in option),
-        ))
+        asyncio.run(
+            run_voice_bench(
+                modes,
+                turns,
+                runs,
+                out,
+                _config(config),
+                slowdown=factors,
+                tree=tree,
+                first_piece_words=first_piece_words,
+                logs=logs,
+                gateway_options=dict(option.split("=", 1) for option in gateway_option or [] if "=" in option),
+            )
+        )
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -11,7 +11,7 @@ Every turn goes the whole way through the gateway: WebRTC in, Opus decode,
 resample, VAD and turn taking, the utterance streamed to an STT worker, the
 transcript to an LLM worker, clauses to a TTS worker, the answer resampled
 and played back over WebRTC. The workers are real worker servers speaking the
-real protocol, with canned models (``workers/simulated.py``), so that no
+real protocol, with canned models (``gateway/harness/simulated.py``), so that no
 model competes with the gateway for the machine: this measures the gateway.
 
 Figures per N, over a ``--window`` of seconds after all sessions are up:
@@ -23,7 +23,7 @@ each client received (min over sessions); turns answered; and the clients'
 own pacing slip (if the clients are late, the load is not what it says). The
 result is the largest N whose ingest lag p99 is under 20 ms.
 
-``python -m gateway.load_bench client URL N PACKETS`` is one client process.
+``python -m gateway.harness.load_bench client URL N PACKETS`` is one client process.
 """
 
 from __future__ import annotations
@@ -49,15 +49,17 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.harness.simulated import CannedLlm, CannedTts, SimulatedStt
 from stream.audio import OPUS_FRAME as FRAME
 from stream.audio import OPUS_RATE as RATE
 from stream.audio import FrameClock, OpusEncoder, opus_packet
 from stream.http import get as http_get
 from stream.protocol import WorkerKind
+from stream.running import run
 from workers.server import WorkerServer
-from workers.simulated import CannedLlm, CannedTts, SimulatedStt
 
-from .bench import free_port
+from .figures import free_port, median, percentile, rss_mb
+from .speech import piper_voice
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
@@ -69,31 +71,15 @@ LAG_TARGET_S = 0.020
 # -- what the clients send ---------------------------------------------------------
 
 
-def spoken(*texts: str) -> tuple[list[np.ndarray], int]:
-    """``texts`` spoken by the embedded piper voice, and its sample rate."""
-    from piper import SynthesisConfig
-
-    from stream.config import Config
-    from workers.launch import load_engine
-
-    tts = load_engine(WorkerKind.TTS, Config().workers.tts.model_copy(update={"threads": 1}))
-    try:
-        return [tts.synthesize(text, SynthesisConfig()) for text in texts], tts.sample_rate
-    finally:
-        tts.close()
-
-
 def speech_packets() -> tuple[list[bytes], np.ndarray, int]:
     """(the question then silence, as 20 ms Opus packets; the answer's PCM and its rate), spoken by piper."""
-    from stream.audio import resample
-
-    (question, answer), rate = spoken(QUESTION, ANSWER)
-    question = resample(question, rate, RATE)
+    with piper_voice(rate=RATE) as say:
+        question, answer = say(QUESTION), say(ANSWER)
     encoder = OpusEncoder()
     pcm = np.concatenate([question, np.zeros(int(LOOP_SILENCE_S * RATE), np.int16)])
     pcm = np.pad(pcm, (0, -len(pcm) % FRAME))
     packets = [p for start in range(0, len(pcm), FRAME) for p in encoder.encode(pcm[start : start + FRAME])]
-    return packets + encoder.flush(), answer, rate
+    return packets + encoder.flush(), answer, RATE
 
 
 class PacketTrack(MediaStreamTrack):
@@ -139,7 +125,7 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
         track = PacketTrack(packets, rng.randrange(len(packets)))
         try:
             session = await GatewaySession.connect(url, microphone=track, keep_answer_s=0, loopback_ice=True, timeout=30)
-        except Exception as exc:  # noqa: BLE001 (counted and reported)
+        except Exception as exc:
             failed += 1
             print(json.dumps({"connect_error": f"{type(exc).__name__}: {exc}"}), file=sys.stderr, flush=True)
             continue
@@ -158,7 +144,7 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
             window = time.monotonic() - started
             slips = sorted(x for _, t in opened for x in t.slip) or [0.0]
             fps, answered, errors, sent, questions, unanswered = [], 0, 0, 0, 0, 0
-            for (session, track), (sent0, received0, events0, questions0) in zip(opened, marks):
+            for (session, track), (sent0, received0, events0, questions0) in zip(opened, marks, strict=True):
                 sent += track.sent - sent0
                 questions += track.questions - questions0
                 fps.append((session.frames_received - received0) / window)
@@ -168,12 +154,24 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
                 errors += sum(1 for e in new if e.get("type") == "error")
                 # The window cuts one question at each end: more than one missing answer is a lost turn.
                 unanswered += max(0, track.questions - questions0 - done - 1)
-            print(json.dumps({
-                "sessions": len(opened), "failed": failed, "sent": sent, "answers": answered, "errors": errors,
-                "questions": questions, "unanswered": unanswered,
-                "fps_back": fps, "slip_p50_ms": slips[len(slips) // 2] * 1000, "slip_p99_ms": slips[int(len(slips) * 0.99)] * 1000,
-                "closed": sum(1 for s, _ in opened if s.closed.is_set()),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "sessions": len(opened),
+                        "failed": failed,
+                        "sent": sent,
+                        "answers": answered,
+                        "errors": errors,
+                        "questions": questions,
+                        "unanswered": unanswered,
+                        "fps_back": fps,
+                        "slip_p50_ms": percentile(slips, 0.5, 6) * 1000,
+                        "slip_p99_ms": percentile(slips, 0.99, 6) * 1000,
+                        "closed": sum(1 for s, _ in opened if s.closed.is_set()),
+                    }
+                ),
+                flush=True,
+            )
             break
     for session, _ in opened:
         with contextlib.suppress(Exception):
@@ -186,13 +184,6 @@ async def run_client(url: str, sessions: int, packets_file: Path, seed: int) -> 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _metrics(text: str) -> dict[str, Any]:
@@ -262,7 +253,7 @@ def gateway_config(port: int, worker_urls: dict[str, str], extra: str = "") -> s
 
 async def start_gateway(config: Path, port: int, log: Path) -> asyncio.subprocess.Process:
     """``edgestream gateway --config CONFIG`` in its own process, once ``/readyz`` says ready."""
-    gateway = await _spawn("-m", "stream", "gateway", "--config", str(config), log=log)
+    gateway = await _spawn("-m", "gateway", "gateway", "--config", str(config), log=log)
     async with asyncio.timeout(60):
         while True:
             with contextlib.suppress(OSError, ValueError):
@@ -284,9 +275,11 @@ async def _start_harness(workdir: Path) -> Harness:
 async def _spawn(*args: str, log: Path, stdin: bool = False) -> asyncio.subprocess.Process:
     with log.open("ab") as stderr:
         return await asyncio.create_subprocess_exec(
-            sys.executable, *args,
+            sys.executable,
+            *args,
             stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
         )
 
 
@@ -308,7 +301,9 @@ async def run_level(
     """
     port = free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
-    config.write_text(gateway_config(port, harness.worker_urls, f"max_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\nice_timeout_s = 60\n"))
+    config.write_text(
+        gateway_config(port, harness.worker_urls, f"max_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\nice_timeout_s = 60\n")
+    )
     gateway = await start_gateway(config, port, harness.workdir / f"gateway-{sessions}.log")
     base = f"http://127.0.0.1:{port}"
     procs: list[asyncio.subprocess.Process] = []
@@ -317,8 +312,15 @@ async def run_level(
         for i, share in enumerate(s for s in shares if s):
             procs.append(
                 await _spawn(
-                    "-m", "gateway.load_bench", "client", f"ws://127.0.0.1:{port}/session", str(share), str(harness.packets_file), str(seed + i),
-                    log=harness.workdir / f"client-{sessions}-{i}.log", stdin=True,
+                    "-m",
+                    "gateway.harness.load_bench",
+                    "client",
+                    f"ws://127.0.0.1:{port}/session",
+                    str(share),
+                    str(harness.packets_file),
+                    str(seed + i),
+                    log=harness.workdir / f"client-{sessions}-{i}.log",
+                    stdin=True,
                 )
             )
         ready = 0
@@ -334,15 +336,28 @@ async def run_level(
         started = time.monotonic()
         if profile is not None:
             spy = await asyncio.create_subprocess_exec(
-                "py-spy", "record", "--pid", str(gateway.pid), "--duration", str(int(window_s)), "--gil", "--nonblocking",
-                "--format", "raw", "--rate", "200", "--output", str(profile),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                "py-spy",
+                "record",
+                "--pid",
+                str(gateway.pid),
+                "--duration",
+                str(int(window_s)),
+                "--gil",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(profile),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
             )
         timeline: list[dict[str, float]] = []
         if sample_every_s:
             while (t := time.monotonic() - started) < window_s:
                 now = _metrics((await http_get(f"{base}/metrics"))[1])
-                timeline.append({"t_s": round(t, 1), "rss_mb": round(_rss_mb(gateway.pid), 2), **{f"turns_{k}": v for k, v in now.get("turns", {}).items()}})
+                timeline.append({"t_s": round(t, 1), "rss_mb": round(rss_mb(gateway.pid), 2), **{f"turns_{k}": v for k, v in now.get("turns", {}).items()}})
                 await asyncio.sleep(min(sample_every_s, max(0.0, window_s - (time.monotonic() - started))))
         else:
             await asyncio.sleep(window_s)
@@ -354,7 +369,7 @@ async def run_level(
         elapsed = time.monotonic() - started
         after = _metrics((await http_get(f"{base}/metrics"))[1])
         cpu_after = {"gateway": _cpu_seconds(gateway.pid), "clients": sum(_cpu_seconds(p.pid) for p in procs), "workers": time.process_time()}
-        rss = _rss_mb(gateway.pid)
+        rss = rss_mb(gateway.pid)
         reports = []
         async with asyncio.timeout(60):
             for proc in procs:
@@ -390,7 +405,7 @@ async def run_level(
         "frames_received": int(frames),
         "frames_lost": int(after["edgestream_audio_frames_lost_total"] - before["edgestream_audio_frames_lost_total"]),
         "answer_fps_min": round(min(fps), 1) if fps else 0.0,
-        "answer_fps_median": round(statistics.median(fps), 1) if fps else 0.0,
+        "answer_fps_median": median(fps) if fps else 0.0,
         "turns_answered": int(turns_after.get("answered", 0) - turns_before.get("answered", 0)),
         "turns_failed": int(turns_after.get("failed", 0) - turns_before.get("failed", 0)),
         "client_slip_p99_ms": round(max(r["slip_p99_ms"] for r in reports), 2),
@@ -419,14 +434,14 @@ def _print_row(r: dict[str, Any]) -> None:
     )
 
 
-async def run_load_bench(
-    levels: list[int], clients: int, window_s: float, repeats: int, out: Path, profile_dir: Path | None = None
-) -> dict[str, Any]:
+async def run_load_bench(levels: list[int], clients: int, window_s: float, repeats: int, out: Path, profile_dir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edgestream-load-") as tmp:
         harness = await _start_harness(Path(tmp))
         print(f"gateway-load: {window_s:g} s window per level, {clients} client processes, {repeats} run(s) per level; logs in {tmp}")
-        print(f"{'sessions':>8} {'connected':>9} {'gw cpu%':>7} {'cli cpu%':>8} {'lag p50':>8} {'lag p99':>8} {'lost':>6} "
-              f"{'recv/sent frames':>17} {'ans fps':>7} {'answers':>7} {'slip p99':>9} {'pass':>5}")
+        print(
+            f"{'sessions':>8} {'connected':>9} {'gw cpu%':>7} {'cli cpu%':>8} {'lag p50':>8} {'lag p99':>8} {'lost':>6} "
+            f"{'recv/sent frames':>17} {'ans fps':>7} {'answers':>7} {'slip p99':>9} {'pass':>5}"
+        )
         runs: list[dict[str, Any]] = []
         try:
             for sessions in levels:
@@ -462,12 +477,7 @@ async def run_load_bench(
 
 def _client_main() -> None:
     url, sessions, packets, seed = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
-    try:
-        import uvloop
-
-        uvloop.run(run_client(url, sessions, packets, seed))
-    except ImportError:
-        asyncio.run(run_client(url, sessions, packets, seed))
+    run(run_client(url, sessions, packets, seed))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
@@ -507,7 +517,9 @@ async def run_soak(sessions: int, seconds: float, sample_every_s: float, clients
         "timeline": timeline,
     }
     out.write_text(json.dumps(summary, indent=2))
-    print(f"soak: {sessions} sessions for {seconds:g} s: {result['questions']} questions, {result['turns_answered']} answered, "
-          f"{lost} lost turns, {result['client_errors']} errors at clients")
+    print(
+        f"soak: {sessions} sessions for {seconds:g} s: {result['questions']} questions, {result['turns_answered']} answered, "
+        f"{lost} lost turns, {result['client_errors']} errors at clients"
+    )
     print(f"  gateway RSS {settled:.1f} MB (after the first tenth) -> {final:.1f} MB: {summary['rss_growth_pct']}% (target < 5%); JSON in {out}")
     return summary

@@ -36,9 +36,7 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,13 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from stream.audio import read_wav, resample
 from stream.config import Config
 from stream.http import get as http_get
 from stream.protocol import JobResult, MediaFrame, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, LlmParams, SttResult, TtsParams
 from stream.sdk import GatewaySession
 from stream.worker_client import WorkerClient
+
+from .figures import free_port, machine, median, percentile
+from .speech import espeak, piper_voice, trim_silence
 
 QUESTIONS = [
     "How far is the nearest train station?",
@@ -114,17 +114,6 @@ THINK_S = 0.6
 """A person's pause between hearing an answer and asking the next question."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 1)
-
-
 # -- the spoken questions ------------------------------------------------------------------
 
 
@@ -137,45 +126,24 @@ class Spoken:
     paused: bool
 
 
-def _espeak(text: str, voice: Voice) -> np.ndarray:
-    with tempfile.NamedTemporaryFile(suffix=".wav") as wav:
-        subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(voice.rate_wpm), "-w", wav.name, text], check=True, capture_output=True)
-        pcm, rate = read_wav(wav.name)
-    return resample(pcm, rate, STT_SAMPLE_RATE)
-
-
-def _trim(samples: np.ndarray) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(samples) > 300)
-    return samples[loud[0] : loud[-1] + 1] if loud.size else samples
-
-
 def spoken_questions(config: Config) -> list[Spoken]:
     """Every question in its voice (in rotation), with the pauses of :data:`PAUSED`."""
-    from piper import SynthesisConfig
-
-    from workers.launch import load_engine
-
-    tts = load_engine(WorkerKind.TTS, config.workers.tts)
-
-    def say(text: str, voice: Voice) -> np.ndarray:
-        if voice.engine == "piper":
-            return resample(tts.synthesize(text, SynthesisConfig()), tts.sample_rate, STT_SAMPLE_RATE)
-        return _espeak(text, voice)
-
     out = []
-    try:
+    with piper_voice(config.workers.tts) as piper:
+
+        def say(text: str, voice: Voice) -> np.ndarray:
+            return trim_silence(piper(text) if voice.engine == "piper" else espeak(text, voice.name, voice.rate_wpm))
+
         for index, text in enumerate(QUESTIONS):
             voice = VOICES[index % len(VOICES)]
             if index in PAUSED:
                 words = text.split()
                 head, tail = " ".join(words[: PAUSED[index]]), " ".join(words[PAUSED[index] :])
                 pause = np.zeros(int(PAUSE_S * STT_SAMPLE_RATE), np.int16)
-                samples = np.concatenate([_trim(say(head, voice)), pause, _trim(say(tail, voice))])
+                samples = np.concatenate([say(head, voice), pause, say(tail, voice)])
             else:
-                samples = _trim(say(text, voice))
+                samples = say(text, voice)
             out.append(Spoken(text, voice, samples, index in PAUSED))
-    finally:
-        tts.close()
     return out
 
 
@@ -263,10 +231,18 @@ async def running_system(
         path.write_text("".join(lines))
         try:
             for name, args in [("gateway", ["gateway"]), *((kind.value, ["worker", kind.value]) for kind in WorkerKind)]:
-                output = open(logs / f"{name}.log", "ab") if logs is not None else asyncio.subprocess.DEVNULL  # noqa: SIM115
+                output = open(logs / f"{name}.log", "ab") if logs is not None else asyncio.subprocess.DEVNULL
                 process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "stream", *args, "--config", str(path),
-                    stdout=output, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd,
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    *args,
+                    "--config",
+                    str(path),
+                    stdout=output,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
                 )
                 processes.append(process)
                 slow.confine(name, process.pid)
@@ -280,7 +256,7 @@ async def running_system(
                         raise RuntimeError("a process of the system exited while starting")
                     await asyncio.sleep(0.2)
             names = ["gateway", *(kind.value for kind in WorkerKind)]
-            pids = {name: process.pid for name, process in zip(names, processes)}
+            pids = {name: process.pid for name, process in zip(names, processes, strict=True)}
             yield System(f"ws://127.0.0.1:{gateway_port}/session", {k: f"ws://127.0.0.1:{p}" for k, p in ports.items()}, pids)
         finally:
             for process in processes:
@@ -300,8 +276,13 @@ async def running_system(
 
 async def idle_floors(system: System, speech: np.ndarray, reps: int = 3) -> dict[str, float]:
     """Each model's cost on this box with nothing else running, over the real protocol (medians)."""
-    floors: dict[str, list[float]] = {"stt_final_after_end_ms": [], "llm_first_token_ms": [], "llm_tokens_per_s": [],
-                                      "tts_first_audio_4_words_ms": [], "tts_first_audio_8_words_ms": []}
+    floors: dict[str, list[float]] = {
+        "stt_final_after_end_ms": [],
+        "llm_first_token_ms": [],
+        "llm_tokens_per_s": [],
+        "tts_first_audio_4_words_ms": [],
+        "tts_first_audio_8_words_ms": [],
+    }
     async with await WorkerClient.connect(system.workers[WorkerKind.STT]) as stt:
         for _ in range(reps + 1):
             job = await stt.start_job({"partials": False})
@@ -316,7 +297,9 @@ async def idle_floors(system: System, speech: np.ndarray, reps: int = 3) -> dict
         system_prompt = Config().gateway.system_prompt
         for n in range(reps + 1):
             question = QUESTIONS[n % len(QUESTIONS)]
-            job = await llm.start_job(LlmParams(messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": question}], max_tokens=32, temperature=0.0))
+            job = await llm.start_job(
+                LlmParams(messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": question}], max_tokens=32, temperature=0.0)
+            )
             started = time.perf_counter()
             await job.end()
             stamps = [time.perf_counter() async for event in job.events() if isinstance(event, JobResult)]
@@ -325,8 +308,10 @@ async def idle_floors(system: System, speech: np.ndarray, reps: int = 3) -> dict
                 if len(stamps) > 2:
                     floors["llm_tokens_per_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     async with await WorkerClient.connect(system.workers[WorkerKind.TTS]) as tts:
-        for key, text in (("tts_first_audio_4_words_ms", "The nearest train station"),
-                          ("tts_first_audio_8_words_ms", "Sure, the nearest pharmacy is two blocks north.")):
+        for key, text in (
+            ("tts_first_audio_4_words_ms", "The nearest train station"),
+            ("tts_first_audio_8_words_ms", "Sure, the nearest pharmacy is two blocks north."),
+        ):
             for _ in range(reps + 1):
                 job = await tts.start_job(TtsParams())
                 started = time.perf_counter()
@@ -398,10 +383,17 @@ def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: 
     reference = " ".join(_words(question.text))
     errors = jiwer.process_words(reference, " ".join(_words(transcript)) or "<empty>")
     row = {
-        "question": question.text, "voice": str(question.voice), "paused": question.paused,
-        "voice_to_voice_ms": round(v2v_ms, 1), **{s: latency.get(s) for s in STAGES},
-        "transcript": transcript, "turns_heard": turns, "word_errors": errors.substitutions + errors.deletions + errors.insertions,
-        "words": len(reference.split()), "answer": answer, "workers": latency.get("workers", {}),
+        "question": question.text,
+        "voice": str(question.voice),
+        "paused": question.paused,
+        "voice_to_voice_ms": round(v2v_ms, 1),
+        **{s: latency.get(s) for s in STAGES},
+        "transcript": transcript,
+        "turns_heard": turns,
+        "word_errors": errors.substitutions + errors.deletions + errors.insertions,
+        "words": len(reference.split()),
+        "answer": answer,
+        "workers": latency.get("workers", {}),
     }
     if latency.get("first_audio_sent") is not None and latency.get("first_token") is not None:
         row["first_audio_after_first_token_ms"] = round(latency["first_audio_sent"] - latency["first_token"], 1)
@@ -453,7 +445,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[stage] for r in rows if r.get(stage) is not None]
         if values:
             medians[stage] = round(statistics.median(values), 1)
-    medians["transport_and_playout"] = round(statistics.median(r["voice_to_voice_ms"] - r["first_audio_sent"] for r in rows if r.get("first_audio_sent") is not None), 1)
+    medians["transport_and_playout"] = round(
+        statistics.median(r["voice_to_voice_ms"] - r["first_audio_sent"] for r in rows if r.get("first_audio_sent") is not None), 1
+    )
     after_token = [r["first_audio_after_first_token_ms"] for r in rows if "first_audio_after_first_token_ms" in r]
     return {
         "turns": len(rows),
@@ -469,7 +463,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return round(statistics.median(run[key] for run in runs), 1)
+    return median(run[key] for run in runs)
 
 
 async def run_voice_bench(
@@ -485,17 +479,22 @@ async def run_voice_bench(
     logs: Path | None = None,
     gateway_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    from workers.bench import _machine
 
     questions = await asyncio.to_thread(spoken_questions, config)
     slow = SlowBox(slowdown or {})
-    box = _machine()
+    box = machine()
     if slowdown:
         box["emulated"] = "CPU quota per process: " + ", ".join(f"{k} 1/{v:g} of a core" for k, v in slowdown.items())
     results: dict[str, Any] = {
-        "benchmark": "voice", "machine": box, "tree": str(tree or "this checkout"), "modes": modes, "runs": [],
-        "questions": len(questions), "voices": [str(v) for v in VOICES],
-        "end_silence_ms": config.gateway.end_silence_ms, "speculate_after_ms": config.gateway.speculate_after_ms,
+        "benchmark": "voice",
+        "machine": box,
+        "tree": str(tree or "this checkout"),
+        "modes": modes,
+        "runs": [],
+        "questions": len(questions),
+        "voices": [str(v) for v in VOICES],
+        "end_silence_ms": config.gateway.end_silence_ms,
+        "speculate_after_ms": config.gateway.speculate_after_ms,
         "first_piece_words": first_piece_words,
         "gateway_options": gateway_options or {},
     }
@@ -536,10 +535,14 @@ async def run_voice_bench(
     for mode in modes:
         s = results["summary"][mode]
         pooled = s["pooled"]
-        print(f"  {mode:<12} p50 {s['p50_ms_median_of_runs']} ms  p95 {s['p95_ms_median_of_runs']} ms (medians of runs: {s['p50_ms_runs']} / {s['p95_ms_runs']})")
+        print(
+            f"  {mode:<12} p50 {s['p50_ms_median_of_runs']} ms  p95 {s['p95_ms_median_of_runs']} ms (medians of runs: {s['p50_ms_runs']} / {s['p95_ms_runs']})"
+        )
         print(f"  {'':<12} stage medians: " + ", ".join(f"{k} {v}" for k, v in pooled["stage_medians_ms"].items()))
-        print(f"  {'':<12} first audio after first token p50 {pooled['first_audio_after_first_token_p50_ms']} ms; "
-              f"WER {pooled['word_error_rate']}; max {pooled['max_ms']} ms; turns above 2x p50: {pooled['turns_above_2x_p50']}")
+        print(
+            f"  {'':<12} first audio after first token p50 {pooled['first_audio_after_first_token_p50_ms']} ms; "
+            f"WER {pooled['word_error_rate']}; max {pooled['max_ms']} ms; turns above 2x p50: {pooled['turns_above_2x_p50']}"
+        )
     print("  idle floors: " + ", ".join(f"{k} {v}" for k, v in floors.items()))
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -1,6 +1,6 @@
 """``edgestream bench overhead``: the pipeline's own share of a turn, with models that take no time.
 
-One gateway process, canned STT, LLM and TTS workers (``workers/simulated.py``:
+One gateway process, canned STT, LLM and TTS workers (``gateway/harness/simulated.py``:
 real worker servers and protocol, models that answer at once) and one SDK
 client speaking a piper-made question over real WebRTC, turn after turn.
 Speculation is off, so every stage is on the critical path.
@@ -29,19 +29,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream.audio import resample
 from stream.config import GatewaySettings
+from stream.protocol.jobs import STT_SAMPLE_RATE
 from stream.sdk import GatewaySession
 
-from .bench import STAGES, free_port, percentile, speak_turn
+from .figures import free_port, median, percentile
 from .load_bench import (
     ANSWER,
     QUESTION,
     gateway_config,
-    spoken,
     start_canned_workers,
     start_gateway,
 )
+from .speech import speak_with_piper
+from .voice_bench import STAGES, speak_turn
 
 GAPS = [
     ("end_of_turn", "stt_final", "final transcript"),
@@ -53,7 +54,8 @@ GAPS = [
 
 
 async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
-    (question, answer), rate = await asyncio.to_thread(spoken, QUESTION, ANSWER)
+    question, answer = await asyncio.to_thread(speak_with_piper, QUESTION, ANSWER)
+    rate = STT_SAMPLE_RATE
     servers, urls = await start_canned_workers(answer, rate)
     end_silence_ms = GatewaySettings().end_silence_ms
     with tempfile.TemporaryDirectory(prefix="edgestream-overhead-") as tmp:
@@ -64,7 +66,7 @@ async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
         rows: list[dict[str, float]] = []
         try:
             session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
-            speech = resample(question, rate, 16_000)
+            speech = question
             await speak_turn(session, speech)  # warm-up
             for _ in range(turns):
                 heard_ms, latency, _ = await speak_turn(session, speech)
@@ -84,12 +86,12 @@ async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPUs, {sys.platform}",
         "date": time.strftime("%Y-%m-%d"),
         "turns": len(rows),
-        "overhead_p50_ms": round(statistics.median(overhead), 1),
+        "overhead_p50_ms": median(overhead),
         "overhead_p95_ms": percentile(overhead, 0.95),
         "overhead_min_ms": round(min(overhead), 1),
         "stage_gaps_p50_ms": {k: round(v, 1) for k, v in gaps.items()},
-        "end_detection_beyond_silence_p50_ms": round(statistics.median(detection), 1),
-        "client_voice_to_voice_p50_ms": round(statistics.median(r["heard_ms"] for r in rows), 1),
+        "end_detection_beyond_silence_p50_ms": median(detection),
+        "client_voice_to_voice_p50_ms": median(r["heard_ms"] for r in rows),
         "target": "overhead p50 < 10 ms",
         "turns_detail": rows,
     }

@@ -2,8 +2,8 @@
 
 They speak the real protocol through the real :class:`~workers.server.WorkerServer`;
 only the model is replaced, by a cost that is exactly what the benchmark says
-(``gateway/selection_bench.py``: heterogeneous worker speeds) or by canned
-output that costs nothing (``gateway/load_bench.py``: the gateway's own load,
+(``gateway/harness/selection_bench.py``: heterogeneous worker speeds) or by canned
+output that costs nothing (``gateway/harness/load_bench.py``: the gateway's own load,
 with no model competing for the two cores). Never used by ``edgestream up``.
 """
 
@@ -18,10 +18,9 @@ import numpy as np
 
 from stream.protocol import WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, LlmResult, SttResult, TtsResult
-
-from .engine import Engine
-from .job import FlushInput, Job
-from .model_files import ModelFile
+from workers.engine import Engine
+from workers.job import FlushInput, Job
+from workers.model_files import ModelFile
 
 
 def _model(kind: WorkerKind, name: str) -> ModelFile:
@@ -94,7 +93,7 @@ class CannedTts(Engine):
         pieces = [job.params.text] if job.params.text else []
         while True:
             for piece in pieces:
-                end = min(len(self.pcm), position + int(round(len(piece) * self.samples_per_char)))
+                end = min(len(self.pcm), position + round(len(piece) * self.samples_per_char))
                 step = self.sample_rate // 4
                 for start in range(position, end, step):
                     await job.emit_audio(self.pcm[start : min(end, start + step)], self.sample_rate)

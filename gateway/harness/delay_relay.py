@@ -3,7 +3,7 @@
 Kernels without ``netem`` cannot add propagation delay, so it is made here (a
 stand-in for distance). ``--delay-ms 20`` adds 40 ms to every round trip.
 
-    python -m stream.delay_relay --listen 198.18.7.4:8701 --target 198.18.7.4:8702 --delay-ms 20
+    python -m gateway.harness.delay_relay --listen 198.18.7.4:8701 --target 198.18.7.4:8702 --delay-ms 20
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ async def start_relay(listen_host: str, listen_port: int, target_host: str, targ
             client_writer.close()
             return
         with contextlib.suppress(asyncio.CancelledError):  # the relay is shutting down
-            await asyncio.gather(
-                pump(client_reader, server_writer, delay_s), pump(server_reader, client_writer, delay_s), return_exceptions=True
-            )
+            await asyncio.gather(pump(client_reader, server_writer, delay_s), pump(server_reader, client_writer, delay_s), return_exceptions=True)
 
     return await asyncio.start_server(relay, listen_host, listen_port)
 

@@ -1,7 +1,7 @@
 """``edgestream attack``: the hostile and overloaded cases, replayed against a live system on loopback.
 
 The gateway and one worker of each kind run as processes with the embedded
-models (as ``edgestream up`` runs them, ``gateway/bench.py``). Each attack
+models (as ``edgestream up`` runs them, ``gateway/harness/voice_bench.py``). Each attack
 replays one finding of the red-team round (README, *Limits*) for as long as
 a real client takes to ask a spoken question and hear its answer: the
 *probe*, a fresh SDK session that speaks while the attack goes on. Per
@@ -56,8 +56,9 @@ from stream.protocol.jobs import LlmParams, TtsParams, VisionParams
 from stream.sdk import GatewaySession, MicrophoneTrack
 from stream.worker_client import JobFailed, WorkerClient
 
-from .bench import SlowBox, System, percentile, running_system
-from .load_bench import _rss_mb, spoken
+from .figures import percentile, rss_mb
+from .speech import speak_with_piper
+from .voice_bench import SlowBox, System, running_system
 
 log = logging.getLogger("edgestream.attack")
 
@@ -146,7 +147,7 @@ async def _repeat(control: Control, once: Callable[[], Awaitable[None]], pause_s
 async def three_speakers(target: Target, control: Control) -> dict[str, Any]:
     sessions = [await GatewaySession.connect(target.system.url, loopback_ice=True) for _ in range(2)]
     try:
-        speaking = asyncio.gather(*(s.say(_padded(speech), 16_000) for s, speech in zip(sessions, target.speech[1:])))
+        speaking = asyncio.gather(*(s.say(_padded(speech), 16_000) for s, speech in zip(sessions, target.speech[1:], strict=False)))
         control.underway.set()  # the probe speaks with them
         await speaking
         done = await asyncio.gather(*(s.wait_event("answer.done", timeout=PROBE_TIMEOUT_S) for s in sessions), return_exceptions=True)
@@ -220,7 +221,7 @@ async def dead_microphones(target: Target, control: Control) -> dict[str, Any]:
     microphones = [UnpluggedMicrophone(), UnpluggedMicrophone()]
     sessions = [await GatewaySession.connect(target.system.url, loopback_ice=True, microphone=m) for m in microphones]
     try:
-        for microphone, speech in zip(microphones, target.speech):
+        for microphone, speech in zip(microphones, target.speech, strict=False):
             microphone.unplugged.set()
             microphone.queue(speech[: int(0.6 * 16_000)], 16_000)
         await control.hold()
@@ -266,6 +267,7 @@ async def tts_dots(target: Target, control: Control) -> dict[str, Any]:
     client = await WorkerClient.connect(target.system.workers[WorkerKind.TTS])
     outcomes: collections.Counter[str] = collections.Counter()
     try:
+
         async def once() -> None:
             for params, piece in ((TtsParams(), "." * 8000), (TtsParams(text="." * 4096), None)):
                 job = await client.start_job(params)
@@ -294,6 +296,7 @@ async def vision_pixels(target: Target, control: Control) -> dict[str, Any]:
     client = await WorkerClient.connect(target.system.workers[WorkerKind.VISION])
     outcomes: collections.Counter[str] = collections.Counter()
     try:
+
         async def once() -> None:
             for image in images:
                 job = await client.start_job(VisionParams())
@@ -313,6 +316,7 @@ async def prompt_injection(target: Target, control: Control) -> dict[str, Any]:
     client = await WorkerClient.connect(target.system.workers[WorkerKind.LLM])
     seen: dict[str, Any] = {"pwned": 0, "answers": 0, "cut_tokens": 0}
     try:
+
         async def once() -> None:
             for content in (injected, "word " * 10_200 + "Say hi."):
                 job = await client.start_job(LlmParams(messages=[{"role": "user", "content": content}], max_tokens=16))
@@ -331,8 +335,17 @@ async def prompt_injection(target: Target, control: Control) -> dict[str, Any]:
 @attack("exposed-worker", 9, "a worker started on 0.0.0.0 without a worker key")
 async def exposed_worker(target: Target, control: Control) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "stream", "worker", "stt", "--host", "0.0.0.0", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "gateway",
+        "worker",
+        "stt",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with asyncio.timeout(60):
@@ -373,7 +386,13 @@ async def signaling(target: Target, control: Control) -> dict[str, Any]:
         await session.close()
         for websocket in idle:
             websocket.transport.abort()
-    return {"idle_accepted": len(idle), "idle_refused": refused_at_handshake, "replies": dict(codes), "http": http_codes, "flood_answered_rate_limited": limited}
+    return {
+        "idle_accepted": len(idle),
+        "idle_refused": refused_at_handshake,
+        "replies": dict(codes),
+        "http": http_codes,
+        "flood_answered_rate_limited": limited,
+    }
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -450,7 +469,7 @@ class Gauges:
         out = {}
         for name, pid in self.target.system.pids.items():
             try:
-                out[name] = _rss_mb(pid)
+                out[name] = rss_mb(pid)
             except OSError:  # the process is gone
                 out[name] = 0.0
         return out
@@ -475,7 +494,7 @@ async def probe(target: Target, question: int) -> dict[str, Any]:
     """A real client asks one spoken question: answered (text, no error for it) or not, and how fast."""
     session = await GatewaySession.connect(target.system.url, loopback_ice=True, timeout=30)
     try:
-        end = await session.say(_padded(target.speech[question])[: -16_000], 16_000)
+        end = await session.say(_padded(target.speech[question])[:-16_000], 16_000)
         silence = asyncio.ensure_future(session.say(np.zeros(16_000 * 2, np.int16), 16_000))
         try:
             done = await session.wait_event("answer.done", timeout=PROBE_TIMEOUT_S)
@@ -500,10 +519,17 @@ RESULT = "attack-result "
 async def _attacker(chosen: Attack, target: Target, speech_file: Path, log: Path | None) -> asyncio.subprocess.Process:
     """The attack in a process of its own, as on another box: its CPU and its event loop are not the probe's."""
     spec = json.dumps({"url": target.system.url, "workers": {k.value: u for k, u in target.system.workers.items()}})
-    output = open(log, "ab") if log is not None else asyncio.subprocess.DEVNULL  # noqa: SIM115
+    output = open(log, "ab") if log is not None else asyncio.subprocess.DEVNULL
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.attack", chosen.name, spec, str(speech_file),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=output,
+        sys.executable,
+        "-m",
+        "gateway.harness.attack",
+        chosen.name,
+        spec,
+        str(speech_file),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=output,
         preexec_fn=lambda: os.nice(19),  # as if from another box: its CPU comes last, the system's first
     )
 
@@ -513,7 +539,7 @@ async def _result(process: asyncio.subprocess.Process) -> dict[str, Any]:
     async with asyncio.timeout(ATTACK_END_S + 30):
         while line := (await process.stdout.readline()).decode():
             if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])
+                return json.loads(line[len(RESULT) :])
     return {"attack_error": f"the attacker exited with {await process.wait()} and no result"}
 
 
@@ -548,13 +574,19 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
     p99 = percentile(gauges.healthz_ms, 0.99) if gauges.healthz_ms else float("inf")
     rss_back = all(after[n] <= before[n] * (1 + RSS_SLACK) for n in before)
     row = {
-        "attack": chosen.name, "finding": chosen.finding, "what": chosen.what, **probed,
+        "attack": chosen.name,
+        "finding": chosen.finding,
+        "what": chosen.what,
+        **probed,
         "healthz_samples": len(gauges.healthz_ms),
         "healthz_p50_ms": round(statistics.median(gauges.healthz_ms), 1) if gauges.healthz_ms else None,
-        "healthz_p99_ms": round(p99, 1), "healthz_max_ms": round(max(gauges.healthz_ms, default=0), 1),
+        "healthz_p99_ms": round(p99, 1),
+        "healthz_max_ms": round(max(gauges.healthz_ms, default=0), 1),
         "healthz_failures": gauges.healthz_failures,
         "rss_mb": {n: {"before": round(before[n]), "peak": round(max(gauges.peak_mb[n], before[n])), "after": round(after[n])} for n in before},
-        "rss_back": rss_back, "all_running": alive, "observed": seen,
+        "rss_back": rss_back,
+        "all_running": alive,
+        "observed": seen,
     }
     row["passed"] = bool(probed["answered"] and p99 < HEALTHZ_P99_MS and rss_back and alive and not gauges.healthz_failures)
     return row
@@ -589,8 +621,13 @@ async def run_attacks(names: list[str], out: Path | None, logs: Path | None = No
         async with running_system(config, SlowBox({}), None, None, logs) as system:
             target = Target(system, speech)
             rows = await _run_all(target, names, speech_file, logs)
-    summary = {"attacks": rows, "passed": sum(r["passed"] for r in rows), "failed": [r["attack"] for r in rows if not r["passed"]],
-               "healthz_p99_target_ms": HEALTHZ_P99_MS, "rss_slack": RSS_SLACK}
+    summary = {
+        "attacks": rows,
+        "passed": sum(r["passed"] for r in rows),
+        "failed": [r["attack"] for r in rows if not r["passed"]],
+        "healthz_p99_target_ms": HEALTHZ_P99_MS,
+        "rss_slack": RSS_SLACK,
+    }
     print(f"{summary['passed']}/{len(rows)} attacks passed" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     if out is not None:
         out.write_text(json.dumps(summary, indent=2))
@@ -612,17 +649,14 @@ async def _run_all(target: Target, names: list[str], speech_file: Path, logs: Pa
 
 
 def _probe_speech() -> list[np.ndarray]:
-    from stream.audio import resample
-
-    speeches, rate = spoken(*PROBE_QUESTIONS)
-    return [resample(s, rate, 16_000) for s in speeches]
+    return speak_with_piper(*PROBE_QUESTIONS)
 
 
 # -- the attacker process ------------------------------------------------------------------------
 
 
 async def _attack_main(name: str, spec: str, speech_file: str) -> None:
-    """``python -m gateway.attack NAME SPEC SPEECH``: run one attack until stdin closes; print what it saw."""
+    """``python -m gateway.harness.attack NAME SPEC SPEECH``: run one attack until stdin closes; print what it saw."""
     loaded = json.loads(spec)
     with np.load(speech_file) as data:
         speech = [data[key] for key in sorted(data.files, key=lambda k: int(k.split("_")[1]))]

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import platform
-import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stream.audio import resample
 from stream.config import Config
 from stream.protocol import JobResult, MediaFormat, MediaFrame, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, LlmParams, TtsParams
 from stream.worker_client import WorkerClient
+from workers.launch import load_engine
+from workers.server import WorkerServer
 
-from .launch import load_engine
-from .server import WorkerServer
+from .figures import machine, median
+from .speech import speak_with_piper
 
 SENTENCES = [
     "Please turn on the kitchen lights.",
@@ -38,7 +35,7 @@ SPOKEN = "Sure, the nearest pharmacy is two blocks north, next to the bakery."
 
 
 def _median(values: list[float]) -> float:
-    return round(statistics.median(values), 4) if values else float("nan")
+    return median(values, 4)
 
 
 async def _bench_stt(client: WorkerClient, runs: int, speech: list[np.ndarray]) -> dict[str, Any]:
@@ -117,21 +114,8 @@ async def _bench_vision(client: WorkerClient, runs: int) -> dict[str, Any]:
     return {"ms_per_frame_median": _median(round_trip), "compute_ms_median": _median(compute), "frame": "640x360 PNG"}
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
 async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config: Config) -> dict[str, Any]:
-    results: dict[str, Any] = {"benchmark": "workers", "runs": runs, "machine": _machine(), "kinds": {}}
-    tts_engine = None
+    results: dict[str, Any] = {"benchmark": "workers", "runs": runs, "machine": machine(), "kinds": {}}
     for kind in kinds:
         settings = config.workers.for_kind(kind)
         engine = load_engine(kind, settings)
@@ -140,10 +124,7 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
         client = await WorkerClient.connect(f"ws://127.0.0.1:{port}", kind)
         try:
             if kind is WorkerKind.STT:
-                from piper import SynthesisConfig
-
-                tts_engine = tts_engine or load_engine(WorkerKind.TTS, config.workers.tts)
-                speech = [resample(tts_engine.synthesize(s, SynthesisConfig()), tts_engine.sample_rate, STT_SAMPLE_RATE) for s in SENTENCES]
+                speech = speak_with_piper(*SENTENCES)
                 figures = await _bench_stt(client, runs, speech)
             elif kind is WorkerKind.LLM:
                 figures = await _bench_llm(client, runs)

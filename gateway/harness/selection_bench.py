@@ -29,13 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.delay_relay import start_relay
-from stream.protocol import JobResult, WorkerKind
-from stream.protocol.jobs import STT_SAMPLE_RATE
-from workers.server import WorkerServer
-from workers.simulated import SimulatedStt
-
-from .selection import (
+from gateway.harness.delay_relay import start_relay
+from gateway.harness.simulated import SimulatedStt
+from gateway.selection import (
     Job,
     LatencyAware,
     LeastLoaded,
@@ -43,7 +39,12 @@ from .selection import (
     RoundRobin,
     WorkerEstimate,
 )
-from .worker_pool import PoolSettings, WorkerPool
+from gateway.worker_pool import PoolSettings, WorkerPool
+from stream.protocol import JobResult, WorkerKind
+from stream.protocol.jobs import STT_SAMPLE_RATE
+from workers.server import WorkerServer
+
+from .figures import median, percentile
 
 SECONDS_PER_AUDIO_SECOND = 0.02
 AUDIO_SECONDS = (1.0, 3.0)
@@ -152,8 +153,8 @@ async def run_level(policy_name: str, load: float, jobs: int, seed: int) -> dict
             "policy": policy_name,
             "load": load,
             "jobs": len(ordered),
-            "p50_ms": round(1000 * statistics.median(ordered), 1),
-            "p95_ms": round(1000 * ordered[int(0.95 * (len(ordered) - 1))], 1),
+            "p50_ms": median(1000 * s for s in ordered),
+            "p95_ms": percentile((1000 * s for s in ordered), 0.95),
             "placed": placed,
         }
     finally:
@@ -172,7 +173,10 @@ async def run_selection_bench(loads: list[float], jobs: int, repeats: int, out: 
             for name in policies:  # same seed per load and repeat: the same arrivals for every policy
                 run = await run_level(name, load, jobs, seed=1000 * repeat + int(load * 100))
                 runs.append(run)
-                print(f"  run {repeat + 1}/{repeats} load {load:.2f} {name:>13}: p50 {run['p50_ms']:7.1f} ms  p95 {run['p95_ms']:7.1f} ms  {run['placed']}", flush=True)
+                print(
+                    f"  run {repeat + 1}/{repeats} load {load:.2f} {name:>13}: p50 {run['p50_ms']:7.1f} ms  p95 {run['p95_ms']:7.1f} ms  {run['placed']}",
+                    flush=True,
+                )
     summary = []
     for load in loads:
         row: dict[str, object] = {"load": load}

@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.audio import resample
-from stream.config import Config, GatewaySettings
+from gateway.server import Gateway
+from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE
 from stream.sdk import GatewaySession
 
-from .bench import free_port
-from .server import Gateway
+from .figures import free_port, median
+from .speech import speak_with_piper
 
 log = logging.getLogger("edgestream.chaos")
 
@@ -53,6 +52,7 @@ MIN_WORDS_HEARD = 0.65
 
 def words_heard(reference: str, transcript: str) -> float:
     """The share of the reference's words that the transcript has (a replayed failover must hear them all)."""
+
     def words(text: str) -> list[str]:
         return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
@@ -72,9 +72,22 @@ class WorkerProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "stream", "worker", self.kind.value, "--host", "127.0.0.1", "--port", str(self.port),
-                "--capacity", "1", "--threads", "1"]
-        output = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "worker",
+            self.kind.value,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--capacity",
+            "1",
+            "--threads",
+            "1",
+        ]
+        output = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL
         self.process = await asyncio.create_subprocess_exec(*argv, stdout=output, stderr=asyncio.subprocess.STDOUT)
 
     def kill(self) -> None:
@@ -111,7 +124,7 @@ class ChaosReport:
             "lost_turns": len(self.lost),
             "missed_kills": self.missed,
             "failovers": failovers,
-            "turn_seconds_p50": round(statistics.median(durations), 2) if durations else None,
+            "turn_seconds_p50": median(durations, 2) if durations else None,
             "lost": self.lost,
         }
 
@@ -158,29 +171,25 @@ async def chaos_turn(
             problem = f"misheard ({heard:.0%} of the words): {final['text']!r}"
         elif not done["text"].strip() or done["interrupted"]:
             problem = f"answer empty or cut: {done}"
-    except (TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure of the turn is a lost turn, reported
+    except (TimeoutError, Exception) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     # A limit notice (the answer reached max_answer_tokens) is an error event too, but the turn is whole.
     errors = [e for e in session.events[after:] if e["type"] == "error" and e["code"] != "answer_truncated"]
     if errors and problem is None:
         problem = f"errors: {errors}"
-    return {"kind": kind.value, "lost": problem is not None, "problem": problem, "seconds": round(time.monotonic() - started, 2),
-            "victim": victim.url if victim else None}, victim
+    return {
+        "kind": kind.value,
+        "lost": problem is not None,
+        "problem": problem,
+        "seconds": round(time.monotonic() - started, 2),
+        "victim": victim.url if victim else None,
+    }, victim
 
 
 async def run_chaos(kills: int, out: Path, logs_dir: Path | None = None) -> dict:
     """Kill workers during live turns until ``kills`` kills landed; report lost turns."""
-    from workers.launch import load_engine  # piper speaks the questions  # noqa: PLC0415
-
-    tts = load_engine(WorkerKind.TTS, Config().workers.tts)
-    from piper import SynthesisConfig  # noqa: PLC0415
-
-    speeches = []
-    for question in QUESTIONS:
-        pcm = resample(tts.synthesize(question, SynthesisConfig()), tts.sample_rate, STT_SAMPLE_RATE)
-        quiet = np.zeros(int(0.8 * STT_SAMPLE_RATE), np.int16)
-        speeches.append(np.concatenate([quiet, pcm, quiet]))
-    tts.close()
+    quiet = np.zeros(int(0.8 * STT_SAMPLE_RATE), np.int16)
+    speeches = [np.concatenate([quiet, pcm, quiet]) for pcm in await asyncio.to_thread(speak_with_piper, *QUESTIONS)]
     workers = [WorkerProcess(kind, free_port()) for kind in KINDS for _ in range(2)]
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
