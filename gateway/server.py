@@ -234,7 +234,7 @@ class Gateway:
             return response(HTTPStatus.TOO_MANY_REQUESTS, f"rate_limited: {message}\n".encode(), "text/plain")
         if self.pending.refusal(address) is not None:
             for key in self.pending.keys():  # a handshake that failed never reached _handle
-                if key.state is State.CLOSED:  # type: ignore[attr-defined]
+                if isinstance(key, ServerConnection) and key.state is State.CLOSED:
                     self.pending.done(key)
         refusal, evicted = self.pending.admit_or_evict(connection, address)
         if isinstance(evicted, ServerConnection):  # the biggest holder's oldest place went to the newcomer

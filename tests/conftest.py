@@ -20,6 +20,20 @@ from workers.engine import Engine
 from workers.launch import load_engine
 from workers.server import WorkerServer
 
+# -- tiers -------------------------------------------------------------------------------
+# `pytest -m "not models"` is the fast tier: no real model, no browser, no process
+# of the whole system. A test is in the slow tier when it uses one of these
+# fixtures (each loads a model or starts a system), or when its module or the
+# test itself says `pytest.mark.models`.
+MODEL_FIXTURES = frozenset({"speak", "workers", "gateway", "two_of_each", "limited_gateway", "playwright", "open_page", "bare_gateway", "system"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.models)
+
+
 _engines: dict[tuple[WorkerKind, tuple], Engine] = {}
 
 

@@ -9,7 +9,17 @@ import threading
 import time
 
 from stream import keys, logs, tls
-from stream.config import ExposureError, LogSettings, SecuritySettings, WorkerSettings, is_loopback
+from stream.config import (
+    ExposureError,
+    LlmSettings,
+    LogSettings,
+    SecuritySettings,
+    SttSettings,
+    TtsSettings,
+    VisionSettings,
+    WorkerSettings,
+    is_loopback,
+)
 from stream.protocol import WorkerKind
 from stream.running import run, until_signalled
 
@@ -26,18 +36,22 @@ def load_engine(kind: WorkerKind, settings: WorkerSettings, model: ModelFile | N
     if kind is WorkerKind.STT:
         from .stt import SttEngine
 
-        return SttEngine(model, settings)  # type: ignore[arg-type]
+        assert isinstance(settings, SttSettings), settings
+        return SttEngine(model, settings)
     if kind is WorkerKind.LLM:
         from .llm import LlmEngine
 
-        return LlmEngine(model, settings)  # type: ignore[arg-type]
+        assert isinstance(settings, LlmSettings), settings
+        return LlmEngine(model, settings)
     if kind is WorkerKind.TTS:
         from .tts import TtsEngine
 
-        return TtsEngine(model, settings)  # type: ignore[arg-type]
+        assert isinstance(settings, TtsSettings), settings
+        return TtsEngine(model, settings)
     from .vision import VisionEngine
 
-    return VisionEngine(model, settings)  # type: ignore[arg-type]
+    assert isinstance(settings, VisionSettings), settings
+    return VisionEngine(model, settings)
 
 
 def _load_with_progress(kind: WorkerKind, settings: WorkerSettings) -> Engine:

@@ -141,7 +141,8 @@ class Connection:
                 )
             self._last_job_id = message.job_id
             if message.kind is not self.kind:
-                raise ProtocolError(ErrorCode.BAD_PARAMS, f"this worker runs {self.kind.value} jobs, not {message.kind.value}", message.job_id)
+                runs = self.kind.value if self.kind else "no"
+                raise ProtocolError(ErrorCode.BAD_PARAMS, f"this worker runs {runs} jobs, not {message.kind.value}", message.job_id)
             self.jobs[message.job_id] = JobPhase.INPUT_OPEN
             return message
         if isinstance(message, (JobText, JobFlush, JobEnd)):

@@ -31,13 +31,13 @@ Media (audio, images) never travels in JSON: see :mod:`stream.protocol.frames`.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from .errors import ErrorCode
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 """The version every message carries in ``v``; a peer refuses any other."""
 
 MAX_JOB_ID = 2**32 - 1
