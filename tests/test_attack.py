@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.harness.attack import ATTACKS, run_attacks
 from stream.config import GatewaySettings
+
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
 
 
 def test_every_finding_has_an_attack():

@@ -25,6 +25,8 @@ from stream.config import GatewaySettings
 from stream.protocol import WorkerKind
 from tests.conftest import wait_until, word_error_rate
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 QUESTION = "What is the capital of France?"
 ARTIFACTS = Path(os.environ.get("EDGESTREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 CHROMIUM = os.environ.get("EDGESTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

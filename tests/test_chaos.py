@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.harness.chaos import run_chaos, words_heard
+
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
 
 
 def test_words_heard_counts_the_reference_words_in_the_transcript():

@@ -17,6 +17,8 @@ from stream.protocol import WorkerKind
 from tests.conftest import word_error_rate
 from tests.test_worker_vision import encoded, sign
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 EDGESTREAM = [sys.executable, "-m", "gateway"]
 
 

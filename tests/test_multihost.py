@@ -35,7 +35,7 @@ from stream.sdk import GatewaySession
 from tests import netns
 from tests.conftest import with_silence, word_error_rate
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=netns.available() or "")
+pytestmark = [pytest.mark.models, pytest.mark.skipif(netns.available() is not None, reason=netns.available() or "")]
 
 GATEWAY_PORT = 8080
 WORKER_PORT = 8701

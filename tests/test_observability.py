@@ -20,6 +20,8 @@ from stream.protocol import WorkerKind
 from stream.sdk import GatewaySession
 from tests.conftest import wait_until, with_silence
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 QUESTION = "What is the capital of France?"
 
 

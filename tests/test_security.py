@@ -22,6 +22,8 @@ from stream.protocol import WorkerKind
 from stream.sdk import GatewayError, GatewaySession
 from tests.conftest import wait_until, with_silence, word_error_rate
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 PYTHON = sys.executable
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.harness.load_bench import run_soak
+
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
 
 
 async def test_short_soak_loses_no_turn(tmp_path):

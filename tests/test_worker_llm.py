@@ -11,6 +11,8 @@ from stream.protocol.jobs import LlmParams
 from stream.worker_client import JobFailed
 from tests.conftest import engine_for, wait_until
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 RAMBLE = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread, with many details."}]
 

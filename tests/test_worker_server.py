@@ -27,6 +27,8 @@ from stream.protocol.jobs import LlmParams
 from stream.worker_client import JobFailed
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 
 async def raw_client(url: str):
     """A bare WebSocket, to send what no well-behaved client would."""

@@ -12,6 +12,8 @@ from stream.protocol.jobs import STT_SAMPLE_RATE, SttResult
 from stream.worker_client import JobFailed
 from tests.conftest import wait_until, word_error_rate
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 SENTENCES = [
     "Please turn on the kitchen lights.",
     "What is the weather like in Paris today?",

@@ -12,6 +12,8 @@ from stream.protocol import JobResult, MediaFrame, WorkerKind
 from stream.protocol.jobs import TtsParams, TtsResult
 from stream.worker_client import JobFailed, SpeechChunk
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 TEXT = "Hello there, this is a short test of the speech worker. It should sound clear."
 
 

@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 from stream.protocol import MediaFormat, WorkerKind
 from stream.worker_client import JobFailed
 
+pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
+
 
 def sign(text: str, size: tuple[int, int] = (640, 360)) -> Image.Image:
     image = Image.new("RGB", size, "white")
