@@ -14,7 +14,7 @@ import pytest_asyncio
 from gateway.harness.speech import piper_voice
 from gateway.server import Gateway
 from stream.config import Config, GatewaySettings
-from stream.protocol import WorkerKind
+from stream.protocol import Hello, WorkerKind
 from stream.worker_client import WorkerClient
 from workers.engine import Engine
 from workers.launch import load_engine
@@ -96,6 +96,21 @@ def speak() -> Iterator[Callable[[str], np.ndarray]]:
     """Speech for a sentence, spoken by piper (exact words known), as 16 kHz mono int16."""
     with piper_voice() as say:
         yield functools.cache(say)
+
+
+def worker_hello(kind: WorkerKind = WorkerKind.STT, challenge: str | None = None, worker_id: str = "w") -> Hello:
+    """A valid worker ``hello`` for protocol tests without a worker."""
+    return Hello(
+        worker_id=worker_id,
+        kind=kind,
+        model_id="m",
+        model_sha256="a" * 64,
+        capacity=2,
+        software="t",
+        max_text_bytes=1 << 16,
+        max_frame_bytes=1 << 20,
+        challenge=challenge,
+    )
 
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()

@@ -37,24 +37,14 @@ from stream.protocol import (
 from stream.protocol.auth import new_nonce, proof
 from stream.sdk import GatewaySession
 from stream.worker_client import WorkerClient
-from tests.conftest import with_silence, word_error_rate
+from tests.conftest import with_silence, word_error_rate, worker_hello
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 
 
 def hello(challenge: str | None) -> Hello:
-    return Hello(
-        worker_id="stt-1",
-        kind=WorkerKind.STT,
-        model_id="m",
-        model_sha256="a" * 64,
-        capacity=2,
-        software="t",
-        max_text_bytes=1 << 16,
-        max_frame_bytes=1 << 20,
-        challenge=challenge,
-    )
+    return worker_hello(WorkerKind.STT, challenge, worker_id="stt-1")
 
 
 def handshake(client_key: bytes | None, worker_key: bytes | None) -> tuple[Connection, Connection]:

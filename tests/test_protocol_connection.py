@@ -10,7 +10,6 @@ from stream.protocol import (
     Connection,
     Error,
     ErrorCode,
-    Hello,
     JobCancel,
     JobDone,
     JobEnd,
@@ -28,17 +27,9 @@ from stream.protocol import (
     Role,
     WorkerKind,
 )
+from tests.conftest import worker_hello
 
-HELLO = Hello(
-    worker_id="w",
-    kind=WorkerKind.TTS,
-    model_id="m",
-    model_sha256="a" * 64,
-    capacity=2,
-    software="t",
-    max_text_bytes=1 << 16,
-    max_frame_bytes=1 << 20,
-)
+HELLO = worker_hello(WorkerKind.TTS)
 
 
 def pair() -> tuple[Connection, Connection]:
