@@ -14,7 +14,6 @@ class ServiceRate:
 
     def __init__(self, alpha: float = 0.3) -> None:
         self._average = Ewma(alpha)
-        self.samples = 0
 
     @property
     def value(self) -> float:
@@ -25,4 +24,3 @@ class ServiceRate:
         if units <= 0 or seconds <= 0:
             return
         self._average.observe(units / seconds, at)
-        self.samples += 1

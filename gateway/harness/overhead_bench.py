@@ -55,8 +55,7 @@ GAPS = [
 
 async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
     question, answer = await asyncio.to_thread(speak_with_piper, QUESTION, ANSWER)
-    rate = STT_SAMPLE_RATE
-    servers, urls = await start_canned_workers(answer, rate)
+    servers, urls = await start_canned_workers(answer, STT_SAMPLE_RATE)
     end_silence_ms = GatewaySettings().end_silence_ms
     with tempfile.TemporaryDirectory(prefix="edgestream-overhead-") as tmp:
         port = free_port()
@@ -66,10 +65,9 @@ async def run_overhead_bench(turns: int, out: Path) -> dict[str, Any]:
         rows: list[dict[str, float]] = []
         try:
             session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
-            speech = question
-            await speak_turn(session, speech)  # warm-up
+            await speak_turn(session, question)  # warm-up
             for _ in range(turns):
-                heard_ms, latency, _ = await speak_turn(session, speech)
+                heard_ms, latency, _ = await speak_turn(session, question)
                 marks = {stage: latency[stage] for stage in STAGES}
                 rows.append({**marks, "heard_ms": heard_ms, "overhead_ms": marks["first_audio_sent"] - marks["end_of_turn"]})
             await session.close()
