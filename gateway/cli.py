@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -11,9 +12,47 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from stream.config import ConfigError, ExposureError, load_config
+from stream.ports import PortInUse
 from stream.protocol import WorkerKind
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time multimodal conversation at the edge.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Real-time multimodal conversation at the edge. Start with: edgestream up",
+)
+START, TRY, OPERATE, MEASURE = "Start", "Try it", "Operate", "Test and measure"
+_debug = False
+"""``--debug``: an ordinary mistake prints its traceback too."""
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """One line on stderr for an ordinary mistake (the traceback too with ``--debug``); raise what it returns."""
+    typer.echo(f"error: {message}", err=True)
+    if _debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    return typer.Exit(code)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"edgestream {version('edgestream')}")
+        except PackageNotFoundError:
+            typer.echo("edgestream (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Print the traceback behind an error too.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (default: configs/one-box.toml).")]
 LogFormatOption = Annotated[str | None, typer.Option("--log-format", help="text, or json (one object per line, with session/turn/job ids).")]
@@ -46,11 +85,25 @@ def _config(path: Path | None):
     try:
         return load_config(path)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc), 2) from None
 
 
-@app.command()
+@app.command(rich_help_panel=START)
+def up(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Address the gateway (the page) listens on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port the gateway (the page) listens on.")] = None,
+) -> None:
+    """Start the whole system on this box and keep it running: the gateway, the page, one worker of each kind."""
+    from gateway.up import run_system
+    from stream.running import run
+
+    cfg = _config(config)
+    cfg = cfg.model_copy(update={"gateway": _overridden(cfg.gateway, dict(host=host, port=port))})
+    sys.exit(run(run_system(cfg, config)))
+
+
+@app.command(rich_help_panel=START)
 def worker(
     kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
     config: ConfigOption = None,
@@ -66,7 +119,7 @@ def worker(
     """Start a worker of KIND on this box: the edge-box launch command."""
     from stream.keys import KeyFileError
     from stream.tls import TlsError
-    from workers.launch import run_worker
+    from workers.launch import ModelLoadError, run_worker
     from workers.model_files import ModelNotFound
 
     cfg = _with_log_format(_config(config), log_format)
@@ -77,17 +130,14 @@ def worker(
     try:
         run_worker(kind, settings, cfg.log, cfg.security)
     except ExposureError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except (ModelNotFound, FileNotFoundError, KeyFileError, TlsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc), 2) from None
+    except (ModelNotFound, ModelLoadError, FileNotFoundError, KeyFileError, TlsError, PortInUse) as exc:
+        raise fail(str(exc), 1) from None
     except OSError as exc:  # the port is taken, or the address is not on this host
-        typer.echo(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", 1) from None
 
 
-@app.command()
+@app.command(rich_help_panel=START)
 def gateway(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
@@ -108,23 +158,12 @@ def gateway(
     try:
         run_gateway(cfg)
     except (ExposureError, KeyFileError, TlsError, TokenFileError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc), 2) from None
     except OSError as exc:
-        typer.echo(f"error: cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(f"cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror or exc}", 1) from None
 
 
-@app.command()
-def up(config: ConfigOption = None) -> None:
-    """Start the whole system on this box: the gateway and one worker of each kind."""
-    from gateway.up import run_system
-
-    cfg = _config(config)
-    sys.exit(asyncio.run(run_system(cfg, config)))
-
-
-@app.command()
+@app.command(rich_help_panel=TRY)
 def probe(
     kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
     input: Annotated[str, typer.Argument(help="stt: a WAV file; llm: a prompt; tts: text; vision: a PNG/JPEG file")],
@@ -142,7 +181,7 @@ def probe(
 
 
 token_app = typer.Typer(no_args_is_help=True, help="Client tokens: who may open a session on the gateway.")
-app.add_typer(token_app, name="token")
+app.add_typer(token_app, name="token", rich_help_panel=OPERATE)
 TokenFileOption = Annotated[Path | None, typer.Option("--file", help=r"Token file (default: \[security] client_tokens_file of the config).")]
 
 
@@ -158,8 +197,7 @@ def _with_token_file(file: Path | None, config: Path | None, action):
     try:
         return tokens, action(tokens)
     except TokenFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc), 1) from None
 
 
 @token_app.command("create")
@@ -193,7 +231,7 @@ def token_list(file: TokenFileOption = None, config: ConfigOption = None) -> Non
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="The key gateway and workers share to authenticate each other.")
-app.add_typer(keys_app, name="keys")
+app.add_typer(keys_app, name="keys", rich_help_panel=OPERATE)
 
 
 @keys_app.command("worker")
@@ -210,7 +248,7 @@ def keys_worker(path: Annotated[Path, typer.Argument(help="Where to write the ke
 
 
 cert_app = typer.Typer(no_args_is_help=True, help="TLS certificates for https/wss on a LAN.")
-app.add_typer(cert_app, name="cert")
+app.add_typer(cert_app, name="cert", rich_help_panel=OPERATE)
 
 
 @cert_app.command("create")
@@ -227,14 +265,13 @@ def cert_create(
     try:
         create_self_signed(cert, key, names, days)
     except FileExistsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc), 1) from None
     typer.echo(f"wrote {cert} and {key} for {', '.join(names)}")
     typer.echo(f'[security]\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_ca = "{cert}"', err=True)
 
 
 fuzz_app = typer.Typer(no_args_is_help=True, help="Long fuzz runs (the tests run short ones under hypothesis).")
-app.add_typer(fuzz_app, name="fuzz")
+app.add_typer(fuzz_app, name="fuzz", rich_help_panel=MEASURE)
 
 
 @fuzz_app.command("protocol")
@@ -250,7 +287,7 @@ def fuzz_protocol(
     raise typer.Exit(1 if report["crashes"] else 0)
 
 
-@app.command()
+@app.command(rich_help_panel=MEASURE)
 def soak(
     sessions: Annotated[int, typer.Option(help="Concurrent talking sessions.")] = 20,
     minutes: Annotated[float, typer.Option(help="How long they talk.")] = 30.0,
@@ -265,7 +302,7 @@ def soak(
     raise typer.Exit(1 if summary["lost_turns"] or summary["connected"] < sessions else 0)
 
 
-@app.command()
+@app.command(rich_help_panel=MEASURE)
 def chaos(
     kills: Annotated[int, typer.Option(help="Kills (kill -9 of a worker holding a live turn's job) to make.")] = 100,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("chaos.json"),
@@ -278,7 +315,7 @@ def chaos(
     raise typer.Exit(1 if summary["lost_turns"] else 0)
 
 
-@app.command()
+@app.command(rich_help_panel=MEASURE)
 def attack(
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only this attack (repeat for more); default: all.")] = None,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("attack.json"),
@@ -297,7 +334,7 @@ def attack(
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON.")
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench", rich_help_panel=MEASURE)
 
 
 @bench_app.command("workers")
@@ -401,5 +438,4 @@ def bench_voice(
             )
         )
     except RuntimeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc), 1) from None

@@ -68,7 +68,14 @@ TOKEN_CHECK_INTERVAL_S = 1.0
 """How often the token file is checked for changes (a revoked token's sessions end within this)."""
 # The page's own types, so serving it does not depend on the system's mime.types
 # (a module script with the wrong type does not run).
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+ALIASES = {"/favicon.ico": "/favicon.svg"}
+"""Paths browsers ask for by convention, and the file that answers them."""
 
 
 REFUSALS_LOGGED_PER_S = 1.0
@@ -205,11 +212,16 @@ class Gateway:
         if path in ("/healthz", "/readyz"):
             workers = {kind.value: self.pool.available(kind) for kind in WorkerKind}
             if path == "/healthz":
-                return json_response({"ok": True, "sessions": len(self.sessions), "workers": workers, "pool": self.pool.snapshot()})
+                states = {kind.value: self.pool.state(kind) for kind in WorkerKind}
+                required = [kind.value for kind in self.settings.required_kinds]
+                return json_response(
+                    {"ok": True, "sessions": len(self.sessions), "workers": workers, "states": states, "required": required, "pool": self.pool.snapshot()}
+                )
             missing = [kind.value for kind in self.settings.required_kinds if not workers[kind.value]]
             if self._closing:
                 missing.append("shutting_down")
             return readiness_response(missing, {"sessions": len(self.sessions), "workers": workers})
+        path = ALIASES.get(path, path)
         try:
             file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
             found = file.is_relative_to(WEB_ROOT) and file.is_file()

@@ -25,6 +25,8 @@ from stream.audio import ArrivalLag
 from stream.config import GatewaySettings
 from stream.protocol.jobs import STT_SAMPLE_RATE
 
+from . import client_messages
+from .conversation.inputs import InterruptAnswer, TypedQuestion
 from .events import ErrorEvent, Event, SessionReady
 from .limits import TokenBucket
 from .metrics import GatewayMetrics
@@ -131,8 +133,8 @@ class Session:
         self.send(SessionReady(session_id=self.id))
 
     def _on_client_message(self, message: object) -> None:
-        # The client has nothing to say on the channel yet; say so instead of ignoring it,
-        # but answer a flood once, not once per message.
+        """A typed question or an interrupt (``gateway/client_messages.py``); anything else is
+        answered with an error, and a flood once, not once per message."""
         first_refusal = not self._client_messages.refusing
         if not self._client_messages.allow():
             if first_refusal:
@@ -140,8 +142,16 @@ class Session:
                 self.send(ErrorEvent(code="rate_limited", message=f"more than {CLIENT_MESSAGES_PER_S} messages/s on the events channel; the rest are dropped"))
             self.metrics.client_messages_dropped.inc()
             return
-        log.info("session %s: unexpected data channel message", self.id)
-        self.send(ErrorEvent(code="unexpected_message", message="the events channel is gateway-to-client only"))
+        try:
+            parsed = client_messages.parse(message if isinstance(message, str | bytes) else str(message))
+        except client_messages.BadMessage as exc:
+            log.info("session %s: refused a message on the events channel: %s: %s", self.id, exc.code, exc.message)
+            self.send(ErrorEvent(code=exc.code, message=exc.message))
+            return
+        if isinstance(parsed, client_messages.Ask):
+            self.runner.handle(TypedQuestion(parsed.text))
+        else:
+            self.runner.handle(InterruptAnswer())
 
     async def _on_state(self) -> None:
         state = self.pc.connectionState

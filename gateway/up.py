@@ -1,21 +1,77 @@
-"""``edgestream up``: the whole system on one box.
+"""``edgestream up``: the whole system on one box, kept running.
 
 The gateway and each worker run in their own process (``edgestream gateway``,
 ``edgestream worker KIND``), so models compute in parallel and one crash does
-not take the others down. Their output is prefixed with the name; Ctrl-C
-stops them all.
+not take the others down: a process that exits is started again with
+backoff (``gateway/restarts.py``), and while a worker is away the gateway's
+failover and its ``no_worker`` errors cover the gap. Every port is checked
+before anything starts (a clash is told at once, not after the models
+loaded); one ``ready:`` line says when the page can be opened. Each
+process's output is prefixed with its name; Ctrl-C (or SIGTERM) stops them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import ssl
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.config import Config
+from stream.http import get
+from stream.ports import PortInUse, check_can_listen
 from stream.protocol import WorkerKind
 from stream.running import until_signalled
+
+from .restarts import Restarts
+
+STOP_S = 15.0
+"""How long a process may take to stop after SIGTERM before it is killed."""
+READY_POLL_S = 0.25
+
+
+def say(line: str) -> None:
+    print(f"edgestream up: {line}", flush=True)
+
+
+@dataclass(eq=False)
+class Child:
+    """One supervised process: its command, the running process, and its exits."""
+
+    name: str
+    args: list[str]
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: Restarts = field(default_factory=Restarts)
+    relay: asyncio.Task[None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name == "gateway" else f"{self.name} worker"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        )
+        self.started_at = time.monotonic()
+        assert self.process.stdout is not None
+        self.relay = asyncio.create_task(_relay(self.name, self.process.stdout))
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_S)
+        except TimeoutError:
+            say(f"the {self.label} did not stop within {STOP_S:g} s; killing it")
+            process.kill()
+            await process.wait()
 
 
 async def _relay(name: str, stream: asyncio.StreamReader) -> None:
@@ -24,27 +80,102 @@ async def _relay(name: str, stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def children(config: Config, config_path: Path | None) -> list[Child]:
+    base = [sys.executable, "-m", "gateway"]
+    config_args = ["--config", str(config_path)] if config_path is not None else []
+    gateway = config.gateway
+    out = [Child("gateway", [*base, "gateway", *config_args, "--host", gateway.host, "--port", str(gateway.port)])]
+    out += [Child(kind.value, [*base, "worker", kind.value, *config_args]) for kind in WorkerKind]
+    return out
+
+
+def check_ports(config: Config) -> None:
+    """Raise :class:`PortInUse` for the first port of the system that is taken."""
+    check_can_listen(config.gateway.host, config.gateway.port, "the gateway")
+    for kind in WorkerKind:
+        settings = config.workers.for_kind(kind)
+        check_can_listen(settings.host, settings.port, f"the {kind.value} worker")
+
+
+async def _announce_ready(config: Config) -> None:
+    """Print one ``ready:`` line once the gateway has a worker of every kind it needs."""
+    gateway = config.gateway
+    scheme = "https" if config.security.tls_cert else "http"
+    url = f"{scheme}://{_connect_host(gateway.host)}:{gateway.port}"
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
+            context = ssl.create_default_context(cafile=config.security.tls_ca) if scheme == "https" and config.security.tls_ca else None
+            status, _ = await get(f"{url}/readyz", timeout=2.0, ssl_context=context)
+            if status == 200:
+                say(f"ready in {time.monotonic() - started:.0f} s: open {url}/ in a browser (Ctrl-C stops everything)")
+                return
+        await asyncio.sleep(READY_POLL_S)
+
+
 async def run_system(config: Config, config_path: Path | None) -> int:
-    processes: dict[str, asyncio.subprocess.Process] = {}
-    relays = []
-    for name in ["gateway", *(kind.value for kind in WorkerKind)]:
-        args = [sys.executable, "-m", "gateway"] + (["gateway"] if name == "gateway" else ["worker", name])
-        if config_path is not None:
-            args += ["--config", str(config_path)]
-        process = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        processes[name] = process
-        relays.append(asyncio.create_task(_relay(name, process.stdout)))
-    exits = {name: asyncio.create_task(p.wait()) for name, p in processes.items()}
+    """Run and supervise the whole system until a signal; the exit status of ``edgestream up``."""
+    try:
+        check_ports(config)
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    kids = children(config, config_path)
+    for child in kids:
+        await child.start()
+        assert child.process is not None
+        say(f"started the {child.label} (pid {child.process.pid})")
+    ready = asyncio.create_task(_announce_ready(config))
     stopper = asyncio.create_task(until_signalled())
-    done, _ = await asyncio.wait([stopper, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    for name, task in exits.items():
-        if task in done:
-            print(f"edgestream up: {name} exited with {task.result()}; stopping the others", flush=True)
-            code = 1
-    for process in processes.values():
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-    await asyncio.gather(*(p.wait() for p in processes.values()))
-    await asyncio.gather(*relays, return_exceptions=True)
+    try:
+        code = await _supervise(kids, stopper)
+    finally:
+        ready.cancel()
+        stopper.cancel()
+        await asyncio.gather(*(child.stop() for child in kids), return_exceptions=True)
+        await asyncio.gather(*(child.relay for child in kids if child.relay is not None), return_exceptions=True)
     return code
+
+
+async def _supervise(kids: list[Child], stopper: asyncio.Task[None]) -> int:
+    """Restart what exits, until a signal (0) or the gateway cannot be kept running (1)."""
+    exits: dict[asyncio.Task[int], Child] = {}
+    restarts: dict[asyncio.Task[None], Child] = {}
+
+    def watch(child: Child) -> None:
+        assert child.process is not None
+        exits[asyncio.create_task(child.process.wait())] = child
+
+    for child in kids:
+        watch(child)
+    while True:
+        done, _ = await asyncio.wait([stopper, *exits, *restarts], return_when=asyncio.FIRST_COMPLETED)
+        if stopper in done:
+            for task in [*exits, *restarts]:
+                task.cancel()
+            return 0
+        for task in done:
+            if task in restarts:
+                child = restarts.pop(task)
+                await child.start()
+                assert child.process is not None
+                say(f"the {child.label} started again (pid {child.process.pid}, restart {child.restarts.restarts})")
+                watch(child)
+                continue
+            child = exits.pop(task)
+            status = task.result()
+            if child.relay is not None:
+                await asyncio.gather(child.relay, return_exceptions=True)  # its last lines first
+            delay = child.restarts.after_exit(status, time.monotonic() - child.started_at)
+            if delay is None:
+                say(f"the {child.label} exited with {status}; not restarting it: {child.restarts.why_not(status)}")
+                if child.name == "gateway":
+                    return 1
+                continue
+            say(f"the {child.label} exited with {status}; starting it again in {delay:.1f} s")
+            restarts[asyncio.create_task(asyncio.sleep(delay))] = child

@@ -44,6 +44,10 @@ ModelPin = tuple[str, str]
 """(model id, sha256): a session keeps one model per kind."""
 
 
+NEVER_UP_WARN_S = 120.0
+"""A worker never reached for this long is warned about (before that, it is probably loading its model)."""
+
+
 class NoWorker(Exception):
     """No healthy worker of a kind (serving the session's model) is available."""
 
@@ -79,6 +83,10 @@ class PooledWorker:
         self.estimate = WorkerEstimate(worker_id=url, kind=kind, healthy=False)
         self.failures = 0
         self.problem = "not connected yet"
+        self.ever_connected = False
+        """Whether a link to it was ever up: before that, a refused dial is a worker still loading its model."""
+        self.added_at = time.monotonic()
+        self._told_unreachable = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -108,6 +116,7 @@ class PooledWorker:
                 if self.expect_model is not None and (hello.model_id, hello.model_sha256) != self.expect_model:
                     raise ValueError(f"serves {hello.model_id} {hello.model_sha256[:12]}, announced {self.expect_model[0]} {self.expect_model[1][:12]}")
                 connected_at = time.monotonic()
+                self.ever_connected = True
                 self.estimate.worker_id = hello.worker_id
                 self.estimate.capacity = hello.capacity
                 self.estimate.model = (hello.model_id, hello.model_sha256)
@@ -125,9 +134,27 @@ class PooledWorker:
                 self.failures = 0
             self.failures += 1
             delay = Backoff(settings.retry_min_s, settings.retry_max_s, jitter=0.0).delay(self.failures)
-            level = logging.WARNING if connected_at is not None or self.failures == 1 else logging.DEBUG
+            level = self._level_of_failure(connected_at is not None)
             log.log(level, "%s worker %s out of rotation: %s; retry in %.2g s", self.kind.value, self.url, self.problem, delay)
             await asyncio.sleep(delay)
+
+    def _level_of_failure(self, was_connected: bool) -> int:
+        """A lost link is a warning, and so is the first failed dial after it; a worker that was
+        never up is probably loading its model (tens of seconds): said once, at warning level,
+        only if it is still not there after ``NEVER_UP_WARN_S``."""
+        if was_connected or (self.ever_connected and self.failures == 1):
+            return logging.WARNING
+        if not self.ever_connected and not self._told_unreachable and time.monotonic() - self.added_at >= NEVER_UP_WARN_S:
+            self._told_unreachable = True
+            return logging.WARNING
+        return logging.DEBUG
+
+    @property
+    def state(self) -> str:
+        """``ready``; ``starting`` (never connected yet: loading its model); ``down`` (was up, now away)."""
+        if self.estimate.healthy:
+            return "ready"
+        return "down" if self.ever_connected else "starting"
 
     async def _heartbeat(self) -> None:
         """Ping until the link is lost or a pong misses its deadline."""
@@ -309,6 +336,11 @@ class WorkerPool:
 
     def available(self, kind: WorkerKind) -> bool:
         return any(m.kind is kind and m.estimate.healthy for m in self.members.values())
+
+    def state(self, kind: WorkerKind) -> str:
+        """The best state of ``kind``'s workers: ``ready``, ``starting``, ``down``, or ``none`` (no worker known)."""
+        states = {m.state for m in self.members.values() if m.kind is kind}
+        return next((s for s in ("ready", "starting", "down") if s in states), "none")
 
     def acquire(self, job: Job, *, model: ModelPin | None = None, exclude: frozenset[str] = frozenset()) -> Lease:
         """A lease on the worker the policy picks for ``job``; :class:`NoWorker` if none qualifies."""

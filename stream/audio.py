@@ -12,16 +12,48 @@ import av
 import numpy as np
 
 
+class AudioFileError(ValueError):
+    """A sound file that cannot be read (missing, not audio, no audio stream): one sentence saying which and why."""
+
+
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """A 16-bit PCM WAV file as mono int16 samples and its sample rate."""
-    with wave.open(str(path), "rb") as wav:
-        if wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV is supported, not {8 * wav.getsampwidth()}-bit")
-        channels, rate = wav.getnchannels(), wav.getframerate()
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
-    return samples.astype(np.int16, copy=False), rate
+    """A sound file as mono int16 samples and its sample rate; raises :class:`AudioFileError`.
+
+    16-bit PCM WAV is read directly; anything else PyAV (FFmpeg) can decode
+    (24/32-bit or float WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, MP3, Ogg) is
+    decoded and converted to 16-bit mono at the file's own rate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    try:
+        with wave.open(str(path), "rb") as wav:
+            if wav.getsampwidth() == 2:
+                channels, rate = wav.getnchannels(), wav.getframerate()
+                samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+                if channels > 1:
+                    samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
+                return samples.astype(np.int16, copy=False), rate
+    except (wave.Error, EOFError):
+        pass  # not plain PCM WAV: FFmpeg may still read it
+    return _decode_with_av(path)
+
+
+def _decode_with_av(path: Path) -> tuple[np.ndarray, int]:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioFileError(f"{path}: has no audio")
+            stream = container.streams.audio[0]
+            rate = stream.rate or stream.codec_context.sample_rate
+            converter = av.AudioResampler(format="s16", layout="mono", rate=rate)
+            chunks = [out.to_ndarray().reshape(-1) for frame in container.decode(stream) for out in converter.resample(frame)]
+            chunks += [out.to_ndarray().reshape(-1) for out in converter.resample(None)]
+    except av.FFmpegError as exc:
+        raise AudioFileError(f"{path}: not a sound file this can read ({exc.strerror or exc})") from None
+    if not chunks:
+        raise AudioFileError(f"{path}: has no audio samples")
+    return np.concatenate(chunks).astype(np.int16, copy=False), rate
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,27 @@ from .protocol.jobs import STT_SAMPLE_RATE, TtsResult
 from .worker_client import JobFailed, SpeechChunk, WorkerClient
 
 
+def _read_input(kind: WorkerKind, argument: str) -> tuple[np.ndarray, int] | bytes | None:
+    """The file a probe sends (STT: audio, vision: an image), read before any connection; raises ValueError."""
+    if kind is WorkerKind.STT:
+        return read_wav(argument)
+    if kind is WorkerKind.VISION:
+        try:
+            data = Path(argument).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{argument}: {exc.strerror or exc}") from None
+        if not (data[:4] == b"\x89PNG" or data[:3] == b"\xff\xd8\xff"):
+            raise ValueError(f"{argument}: not a PNG or JPEG image")
+        return data
+    return None
+
+
 async def run_probe(kind: WorkerKind, argument: str, url: str, out: Path | None) -> int:
+    try:
+        data = _read_input(kind, argument)
+    except ValueError as exc:  # AudioFileError too
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         client = await WorkerClient.connect(url, kind)
     except (OSError, TimeoutError) as exc:
@@ -27,7 +46,8 @@ async def run_probe(kind: WorkerKind, argument: str, url: str, out: Path | None)
     try:
         async with client:
             if kind is WorkerKind.STT:
-                samples, rate = read_wav(argument)
+                assert isinstance(data, tuple)
+                samples, rate = data
                 async for result in client.transcribe(resample(samples, rate, STT_SAMPLE_RATE), pace=True):
                     print(f"{time.perf_counter() - started:6.2f}s {'final  ' if result.final else 'partial'} {result.text}")
             elif kind is WorkerKind.LLM:
@@ -45,7 +65,7 @@ async def run_probe(kind: WorkerKind, argument: str, url: str, out: Path | None)
                     write_wav(out, np.concatenate([c.pcm for c in chunks]), chunks[0].sample_rate)
                     print(f"wrote {out}")
             else:
-                data = await asyncio.to_thread(Path(argument).read_bytes)
+                assert isinstance(data, bytes)
                 fmt = MediaFormat.PNG if data[:4] == b"\x89PNG" else MediaFormat.JPEG
                 result = await client.analyze_image(data, fmt)
                 for line in result.lines:

@@ -19,11 +19,12 @@ camera, receives the answer audio, and delivers the gateway's events::
 
     asyncio.run(main())
 
-Run ``python -m stream.sdk question.wav`` for exactly that.
+Run ``python -m stream.sdk question.wav`` (or ``--ask "a typed question"``) for exactly that.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fractions
@@ -32,7 +33,8 @@ import ssl
 import sys
 import time
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import av
 import numpy as np
@@ -154,7 +156,7 @@ class GatewaySession:
         self.microphone = microphone or MicrophoneTrack()
         self.camera = CameraTrack(camera) if camera is not None else None
         self.channel: RTCDataChannel | None = None
-        """The events channel (gateway to client; the gateway refuses what a client sends on it)."""
+        """The events channel: the gateway's events, and :meth:`ask` and :meth:`interrupt` the other way."""
         self.session_id = ""
         self.events: list[dict[str, Any]] = []
         self._event_added = asyncio.Condition()
@@ -361,12 +363,30 @@ class GatewaySession:
             raise TypeError("say() needs the built-in microphone track")
         return await self.microphone.queue(samples, sample_rate)
 
+    def ask(self, text: str) -> int:
+        """Send a typed question (answered in text and speech, as a turn of its own).
+
+        Returns the index in :attr:`events` to wait from: ``wait_event("answer.done", after=i)``.
+        """
+        return self._send_message({"type": "ask", "text": text})
+
+    def interrupt(self) -> int:
+        """Stop the answer playing now (as speaking over it does); returns the index in :attr:`events`."""
+        return self._send_message({"type": "interrupt"})
+
+    def _send_message(self, message: dict[str, Any]) -> int:
+        if self.channel is None or self.channel.readyState != "open":
+            raise GatewayError("not_connected", "the session is not connected now")
+        after = len(self.events)
+        self.channel.send(json.dumps(message))
+        return after
+
     async def wait_event(self, type_: str, timeout: float = 30.0, after: int = 0, **match: Any) -> dict[str, Any]:
-        """The first event of ``type_`` (index >= ``after``) whose fields equal ``match``."""
+        """The first event of ``type_`` (``"*"``: any type; index >= ``after``) whose fields equal ``match``."""
 
         def found() -> dict[str, Any] | None:
             for event in self.events[after:]:
-                if event.get("type") == type_ and all(event.get(k) == v for k, v in match.items()):
+                if type_ in ("*", event.get("type")) and all(event.get(k) == v for k, v in match.items()):
                     return event
             return None
 
@@ -408,17 +428,76 @@ class GatewaySession:
         self.closed.set()
 
 
-async def _main(path: str, url: str) -> None:
-    from .audio import read_wav
+class _Arguments(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (python -m stream.sdk --help)\n")
 
-    session = await GatewaySession.connect(url)
-    samples, rate = read_wav(path)
-    await session.say(np.concatenate([samples, np.zeros(rate // 2, np.int16)]), rate)
-    print("you said:", (await session.wait_event("transcript.final"))["text"])
-    print("answer:  ", (await session.wait_event("answer.done"))["text"])
-    print("latency: ", await session.wait_event("latency"))
-    await session.close()
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Arguments(prog="python -m stream.sdk", description="Ask a gateway one question, spoken (a sound file) or typed, and print the answer.")
+    parser.add_argument("audio", nargs="?", type=Path, help="a sound file of the spoken question (WAV, FLAC, MP3, ...)")
+    parser.add_argument("--ask", metavar="TEXT", help="a typed question instead of a spoken one")
+    parser.add_argument("--gateway", default="ws://127.0.0.1:8080/session", help="signaling URL (default: %(default)s)")
+    parser.add_argument("--token", help="the client token, if the gateway asks for one")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default: %(default)s)")
+    arguments = parser.parse_args(argv)
+    if (arguments.audio is None) == (arguments.ask is None):
+        parser.error("give a sound file of a spoken question, or --ask TEXT")
+    return arguments
+
+
+async def _ask_once(arguments: argparse.Namespace) -> int:
+    from .audio import AudioFileError, read_wav
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    speech = None
+    if arguments.audio is not None:
+        try:
+            speech = read_wav(arguments.audio)
+        except AudioFileError as exc:
+            return fail(str(exc))
+    try:
+        session = await GatewaySession.connect(arguments.gateway, token=arguments.token)
+    except GatewayError as exc:
+        return fail(f"the gateway refused the session: {exc}")
+    except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+        return fail(f"cannot reach the gateway at {arguments.gateway}: {exc or type(exc).__name__}")
+    try:
+        await session.wait_event("session.ready", timeout=10)
+        if speech is not None:
+            samples, rate = speech
+            await session.say(np.concatenate([samples, np.zeros(rate // 2, np.int16)]), rate)
+        else:
+            session.ask(arguments.ask)
+        async with asyncio.timeout(arguments.timeout):
+            seen = 0
+            while True:  # the events of the turn, until its answer or the error that ends it
+                event = await session.wait_event("*", timeout=arguments.timeout, after=seen)  # events[seen]
+                seen += 1
+                if event["type"] == "transcript.final":
+                    print("you said:", event["text"])
+                elif event["type"] == "error" and event.get("code") not in ("answer_truncated", "utterance_too_long"):
+                    return fail(f"{event['code']}: {event['message']}")
+                elif event["type"] == "answer.done":
+                    print("answer:  ", event["text"].strip())
+                    latency = await session.wait_event("latency", timeout=5, turn=event["turn"])
+                    print(f"latency:  answer audio {latency.get('first_audio_sent')} ms after the end of the question")
+                    return 0
+    except TimeoutError:
+        return fail(f"no answer within {arguments.timeout:g} s")
+    except GatewayError as exc:
+        return fail(f"the session ended: {exc}")
+    finally:
+        await session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stream.sdk``: one question to a gateway, its answer printed."""
+    return asyncio.run(_ask_once(_arguments(argv)))
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ws://127.0.0.1:8080/session"))
+    sys.exit(main())

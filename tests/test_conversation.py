@@ -19,6 +19,7 @@ from gateway.conversation import commands as cmd
 from gateway.conversation.inputs import (
     NO_WORKER,
     CameraFrame,
+    InterruptAnswer,
     JobFailed,
     JobFinished,
     JobRef,
@@ -36,6 +37,7 @@ from gateway.conversation.inputs import (
     Tick,
     Token,
     Transcript,
+    TypedQuestion,
 )
 from gateway.events import AnswerDone, AnswerToken, BargeIn, ErrorEvent, Latency, TranscriptFinal, TranscriptPartial, VisionText
 from stream.config import GatewaySettings
@@ -475,6 +477,70 @@ def test_an_answer_that_played_out_is_not_interrupted_by_the_next_turn():
 
 
 # -- a worker lost mid-turn, per kind ----------------------------------------------------------------
+
+
+# -- typed questions and interrupt --------------------------------------------------------
+
+
+def test_a_typed_question_is_a_turn_answered_in_text_and_speech():
+    talk = Talk()
+    talk(TypedQuestion("What is the capital of France?"))
+    out = talk.new()
+    assert [e.text for e in talk.events(TranscriptFinal, out)] == ["What is the capital of France?"]
+    assert [c.job.kind for c in talk.of(cmd.StartJob, out)] == [LLM]  # no STT job: there is no audio
+    assert talk.of(cmd.StartJob, out)[0].params.messages[-1].content == "What is the capital of France?"
+    talk.start(LLM)
+    talk.tokens(" Paris", " is", " the", " capital.")
+    talk(JobFinished(talk.job(LLM)))
+    tts = talk.start(TTS)
+    talk(Speech(tts, pcm(2205), 22050), after_s=0.2)
+    talk(Playing(1, 0, talk.now))
+    talk(JobFinished(tts))
+    talk(PlayoutIdle(1))
+    out = talk.new()
+    assert talk.of(cmd.Play, out) and [e.text for e in talk.events(AnswerDone, out)] == [" Paris is the capital."]
+    (latency,) = talk.events(Latency, out)
+    assert latency.end_of_turn == 0 and latency.stt_final == 0 and latency.first_audio_sent == pytest.approx(240, abs=1)
+    assert talk.conversation.history.messages[-2].content == "What is the capital of France?"
+
+
+def test_a_typed_question_barges_in_on_the_answer_playing():
+    talk = Talk()
+    playing_answer(talk, pieces_heard=1)
+    talk(TypedQuestion("And Germany?"))
+    out = talk.new()
+    assert out[0] == cmd.StopPlayback() and cmd.CancelJob(talk.job(TTS)) in out
+    assert [(e.turn, e.interrupted) for e in talk.events(AnswerDone, out)] == [(1, True)]
+    assert [e.turn for e in talk.events(TranscriptFinal, out)] == [2]
+    assert talk.of(cmd.StartJob, out)[-1].params.messages[-1].content == "And Germany?"
+
+
+def test_a_typed_question_while_a_spoken_one_is_heard_is_refused_and_changes_nothing():
+    talk = Talk()
+    talk.speak()
+    talk.new()
+    talk(TypedQuestion("Hello?"))
+    out = talk.new()
+    assert [e.code for e in talk.events(ErrorEvent, out)] == ["still_listening"] and len(out) == 1
+    talk.pause()
+    talk(Transcript(talk.start(STT), "What time is it?", flushed=True))
+    talk.end()
+    assert talk.of(cmd.StartJob)[-1].params.messages[-1].content == "What time is it?"
+
+
+def test_interrupt_stops_the_answer_even_before_a_word_of_it_was_heard():
+    talk = Talk()
+    llm = asked(talk, "Tell me a story")
+    talk.tokens(" Once")
+    talk.new()
+    talk(InterruptAnswer())
+    out = talk.new()
+    assert out[0] == cmd.StopPlayback() and cmd.CancelJob(llm) in out
+    assert talk.events(BargeIn, out) and talk.events(AnswerDone, out)[0].interrupted
+    assert cmd.CountTurn("interrupted") in out
+    assert talk.conversation.history.messages[-1].content == "..."  # asked, and nothing of the answer heard
+    talk.new()
+    assert talk(InterruptAnswer()) == []  # nothing is playing now: nothing happens
 
 
 def test_stt_worker_lost_mid_utterance_replays_everything_heard_elsewhere():

@@ -51,7 +51,16 @@ signaling_messages = (
     | offers.map(json.dumps)
     | sdp_lines.map(lambda lines: json.dumps({"type": "offer", "sdp": "\r\n".join(lines) + "\r\n"}))
 )
-channel_messages = st.text(max_size=300) | st.binary(min_size=1, max_size=300)
+channel_messages = (
+    st.text(max_size=300)
+    | st.binary(min_size=1, max_size=300)
+    | st.builds(  # shaped like the client's own messages, but wrong
+        lambda kind, extra: json.dumps({"type": kind, **extra}),
+        st.sampled_from(["ask", "interrupt", "offer", ""]),
+        st.fixed_dictionaries({}, optional={"text": st.integers() | st.just("") | st.just(" " * 5) | st.just("x" * 5000), "extra": st.text(max_size=5)}),
+    ).filter(lambda m: m != '{"type": "interrupt"}')  # the one valid message it can make
+)
+REFUSALS = {"malformed_message", "unknown_message", "message_too_large", "question_too_long"}
 
 
 async def _refusals(messages: list[str | bytes]) -> None:
@@ -90,7 +99,7 @@ async def _channel_noise(messages: list[str | bytes]) -> None:
         for message in messages:
             session.channel.send(message)
         async with asyncio.timeout(10):
-            while sum(e.get("code") == "unexpected_message" for e in session.events) < len(messages):
+            while sum(e.get("code") in REFUSALS for e in session.events) < len(messages):
                 await asyncio.sleep(0.02)
         # The session is still there and connected.
         assert session.session_id in gateway.sessions and session.pc.connectionState == "connected"

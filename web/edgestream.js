@@ -24,7 +24,8 @@
  * closed it), and with `reconnect`, `connection.lost` and
  * `connection.restored` (they are also kept in `events`). Listen with
  * `on(type, fn)` (fn gets the event object; "*" for every event) or with
- * `addEventListener(type, e => e.detail)`.
+ * `addEventListener(type, e => e.detail)`. The other way, `ask(text)` sends
+ * a typed question and `interrupt()` stops the answer.
  *
  * With `reconnect: true` (or backoff options), a session outlives a gateway
  * restart: it retries with exponential backoff and jitter, then carries on
@@ -138,6 +139,7 @@ export class GatewaySession extends EventTarget {
     this._videoSender = pc.addTransceiver(this._videoTrack ?? "video", { direction: "sendonly" }).sender;
     pc.ontrack = (e) => this.answerStream.addTrack(e.track);
     const channel = pc.createDataChannel("events");
+    this._channel = channel;
     channel.onmessage = (e) => this._onEvent(e.data);
     const connected = new Promise((resolve, reject) => {
       pc.onconnectionstatechange = () => {
@@ -262,6 +264,28 @@ export class GatewaySession extends EventTarget {
       const timer = setTimeout(() => finish(reject, new GatewayError("timeout", `no ${type} event within ${timeoutMs} ms`)), timeoutMs);
       this.closed.then((reason) => finish(reject, reason ?? new GatewayError("closed", "the session ended")));
     });
+  }
+
+  /**
+   * Ask a typed question: it is answered in text and speech, as a turn of its
+   * own (its `transcript.final` carries the text). The gateway refuses it with
+   * an `error` (`still_listening`) while a spoken question is being heard.
+   * @throws {GatewayError} `not_connected` while there is no connection
+   */
+  ask(text) {
+    this._sendMessage({ type: "ask", text });
+  }
+
+  /** Stop the answer now, as speaking over it would. Nothing playing: nothing happens. */
+  interrupt() {
+    this._sendMessage({ type: "interrupt" });
+  }
+
+  /** @private */
+  _sendMessage(message) {
+    if (!this.isConnected || this._channel?.readyState !== "open")
+      throw new GatewayError("not_connected", "the session is not connected now");
+    this._channel.send(JSON.stringify(message));
   }
 
   /** Send this microphone track from now on (null: silence). No renegotiation. */

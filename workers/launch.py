@@ -20,6 +20,7 @@ from stream.config import (
     WorkerSettings,
     is_loopback,
 )
+from stream.ports import check_can_listen
 from stream.protocol import WorkerKind
 from stream.running import run, until_signalled
 
@@ -28,6 +29,10 @@ from .model_files import ModelFile, resolve_model
 from .server import WorkerServer
 
 log = logging.getLogger("edgestream.worker")
+
+
+class ModelLoadError(RuntimeError):
+    """The model file is there but its library cannot load it (corrupt, truncated, the wrong kind of file)."""
 
 
 def load_engine(kind: WorkerKind, settings: WorkerSettings, model: ModelFile | None = None) -> Engine:
@@ -69,6 +74,10 @@ def _load_with_progress(kind: WorkerKind, settings: WorkerSettings) -> Engine:
     started = time.monotonic()
     try:
         engine = load_engine(kind, settings, model)
+    except (ValueError, RuntimeError, OSError) as exc:  # what the model libraries raise for a file they cannot read
+        log.debug("loading %s failed", model.path, exc_info=True)
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise ModelLoadError(f"cannot load {model.path} as the {kind.value} model ({type(exc).__name__}: {detail})") from exc
     finally:
         done.set()
     print(f"  loaded in {time.monotonic() - started:.1f} s", flush=True)
@@ -120,6 +129,7 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
         )
     ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
     warn_if_oversubscribed(kind, settings)
+    check_can_listen(settings.host, settings.port, f"{kind.value} worker")  # before a model that takes seconds to load
     engine = await asyncio.to_thread(_load_with_progress, kind, settings)
     server = WorkerServer(
         engine,

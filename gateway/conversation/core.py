@@ -25,6 +25,11 @@ A turn:
    per answer, whose audio is queued piece by piece on the answer track.
    The answer is over when its last audio has played; the history keeps it.
 
+A typed question (``ask`` on the events channel) is a turn with no audio:
+its text is the transcript, and its answer goes as a spoken turn's does
+(step 4); it barges in on an answer still playing. ``interrupt`` stops the
+answer as speaking over it would, except that it is always an interruption.
+
 A job that fails moves to another worker by the rules of
 ``gateway/failover.py`` (one log line and one metric per move); a kind that
 has no worker is told to the client as an error, and the session goes on.
@@ -69,6 +74,7 @@ from .inputs import (
     NO_WORKER,
     CameraFrame,
     Input,
+    InterruptAnswer,
     JobFailed,
     JobFinished,
     JobRef,
@@ -88,6 +94,7 @@ from .inputs import (
     Tick,
     Token,
     Transcript,
+    TypedQuestion,
     WorkerFreed,
 )
 
@@ -378,6 +385,29 @@ class Conversation:
             self._unresolved = turn  # the pending flush's transcript is the final one
         if turn.answer is not None:
             self._confirm(turn.answer)
+
+    def _typed_question(self, event: TypedQuestion) -> None:
+        if self.current is not None or self._unresolved is not None:
+            # Its answer would race the spoken turn's; that one is heard first.
+            message = "a spoken question is still being heard; send the typed one once it is answered"
+            self._out.append(cmd.Emit(ErrorEvent(code="still_listening", message=message)))
+            return
+        if self.answer is not None and self.answer.confirmed and not self.answer.over:
+            self._barge_in(self.answer, explicit=True)
+        self.turns += 1
+        turn = _Turn(self.turns, logs.turn_label(self.session_id, self.turns), transcript=event.text, speech_end=self._now, ended=True)
+        turn.mark("end_of_turn", self._now)
+        turn.mark("stt_final", self._now)
+        self._last_turn = turn
+        log.info("turn %s: a typed question (%d characters)", turn.id, len(event.text))
+        self._transcribed(turn)
+
+    def _interrupt(self, event: InterruptAnswer) -> None:
+        answer = self.answer
+        if answer is None or not answer.confirmed or answer.over:
+            log.info("interrupt: no answer is playing")
+            return
+        self._barge_in(answer, explicit=True)
 
     def _camera_frame(self, event: CameraFrame) -> None:
         params = VisionParams(describe=True)
@@ -813,13 +843,14 @@ class Conversation:
         if self.answer is answer:
             self.answer = None
 
-    def _barge_in(self, answer: _Answer) -> str:
-        """The person spoke over the answer: stop it, and remember what they heard of it.
+    def _barge_in(self, answer: _Answer, explicit: bool = False) -> str:
+        """The person spoke over the answer (or, ``explicit``, asked it to stop): stop it,
+        and remember what they heard of it.
 
-        If they heard nothing of it yet (a pause just past the end of the turn,
-        then more words), they were not interrupting but going on: the answer
-        is dropped, and what they said is asked again with what follows.
-        Returns that, or ``""``.
+        If they spoke before hearing anything of it (a pause just past the end
+        of the turn, then more words), they were not interrupting but going
+        on: the answer is dropped, and what they said is asked again with what
+        follows. Returns that, or ``""``.
         """
         self._out.append(cmd.StopPlayback())
         self._cancel(answer.llm)
@@ -827,7 +858,7 @@ class Conversation:
         answer.over = True
         self.answer = None
         number = answer.turn.number
-        if not answer.speechless and answer.pieces_started == 0:
+        if not explicit and not answer.speechless and answer.pieces_started == 0:
             log.info("turn %s: the person went on before its answer was heard; it is asked with the next turn", answer.turn.id)
             self._out += [cmd.Emit(AnswerDone(turn=number, text=answer.text, interrupted=True)), cmd.CountTurn("merged")]
             return (answer.turn.earlier + " " + (answer.turn.transcript or "")).strip()
@@ -932,6 +963,8 @@ class Conversation:
         SpeechResumed: _speech_resumed,
         SpeechEnded: _speech_ended,
         CameraFrame: _camera_frame,
+        TypedQuestion: _typed_question,
+        InterruptAnswer: _interrupt,
         JobStarted: _job_started,
         Transcript: _transcript,
         Token: _token,

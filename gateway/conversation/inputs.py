@@ -3,7 +3,9 @@
 Small frozen dataclasses, as Pipecat's frames are. Four sources:
 
 - the person: the turn events of :mod:`gateway.turns` (speech started,
-  audio, paused, resumed, ended), and the camera (:class:`CameraFrame`);
+  audio, paused, resumed, ended), the camera (:class:`CameraFrame`), and
+  what they send on the events channel (:class:`TypedQuestion`,
+  :class:`InterruptAnswer`);
 - the workers, through the runner: :class:`JobStarted`, one result type per
   kind, :class:`JobFinished` and :class:`JobFailed`, each naming its
   :class:`JobRef`;
@@ -128,6 +130,18 @@ class CameraFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class TypedQuestion:
+    """The person typed a question (``ask`` on the events channel): a turn of its own."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptAnswer:
+    """The person asked the answer to stop (``interrupt`` on the events channel)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Playing:
     """The answer track sent the first frame of ``piece`` of ``turn``'s answer at ``at``."""
 
@@ -164,12 +178,13 @@ class Tick:
 
 
 JobEvent = JobStarted | Transcript | Token | Speech | PieceSpoken | Seen | JobFinished | JobFailed
-Input = TurnEvent | JobEvent | CameraFrame | Playing | PlayoutIdle | WorkerFreed | LineFull | Tick
+Input = TurnEvent | JobEvent | CameraFrame | TypedQuestion | InterruptAnswer | Playing | PlayoutIdle | WorkerFreed | LineFull | Tick
 
 __all__ = [
     "NO_WORKER",
     "CameraFrame",
     "Input",
+    "InterruptAnswer",
     "JobEvent",
     "JobFailed",
     "JobFinished",
@@ -191,5 +206,6 @@ __all__ = [
     "Token",
     "Transcript",
     "TurnEvent",
+    "TypedQuestion",
     "WorkerFreed",
 ]
