@@ -235,6 +235,8 @@ class GatewaySession:
             pc.addTrack(self._relay.subscribe(self.camera, buffered=False) if self._relay else self.camera)
         self.channel = pc.createDataChannel("events")
         self.channel.on("message", self._on_event)
+        channel_open = asyncio.Event()
+        self.channel.on("open", channel_open.set)
         pc.on("track", self._on_track)
         connected = asyncio.Event()
 
@@ -258,6 +260,7 @@ class GatewaySession:
             self.session_id = reply["session_id"]
             await pc.setRemoteDescription(RTCSessionDescription(sdp=reply["sdp"], type="answer"))
             await connected.wait()
+            await channel_open.wait()  # ask() and interrupt() work as soon as connect returns
         self._spawn(self._watch_signaling(self._signaling))
 
     async def _stay_connected(self) -> None:

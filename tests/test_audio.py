@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import subprocess
 
-from stream.audio import Resampler, read_wav, resample, rms_dbfs, write_wav
+import numpy as np
+import pytest
+
+from stream.audio import AudioFileError, Resampler, read_wav, resample, rms_dbfs, write_wav
 
 
 def tone(freq: float, rate: int, seconds: float) -> np.ndarray:
@@ -40,3 +43,24 @@ def test_wav_round_trip(tmp_path):
     assert rate == 16000 and np.array_equal(back, samples)
     assert rms_dbfs(np.zeros(100, np.int16)) == float("-inf")
     assert abs(rms_dbfs(samples) - 20 * np.log10(8000 / 32768 / np.sqrt(2))) < 0.1
+
+
+@pytest.mark.parametrize(("bits", "encoding"), [(24, "signed-integer"), (32, "signed-integer"), (32, "floating-point")])
+def test_wav_files_that_are_not_16_bit_are_read_too(tmp_path, bits, encoding):
+    """A 32-bit or float WAV (WAVE_FORMAT_EXTENSIBLE, which Python's wave module refuses) is decoded by PyAV."""
+    source = tmp_path / "tone16.wav"
+    tone = (np.sin(2 * np.pi * 440 * np.arange(16000) / 16000) * 10000).astype(np.int16)
+    write_wav(source, tone, 16000)
+    other = tmp_path / f"tone{bits}.wav"
+    subprocess.run(["sox", str(source), "-b", str(bits), "-e", encoding, str(other)], check=True)
+    samples, rate = read_wav(other)
+    assert rate == 16000 and abs(len(samples) - len(tone)) <= 32
+    assert np.abs(samples[:15000].astype(np.int32) - tone[:15000]).max() < 10
+
+
+def test_a_file_that_is_not_sound_is_one_clear_error(tmp_path):
+    (tmp_path / "notes.wav").write_text("not a sound file")
+    with pytest.raises(AudioFileError, match=r"notes\.wav: not a sound file"):
+        read_wav(tmp_path / "notes.wav")
+    with pytest.raises(AudioFileError, match="no such file"):
+        read_wav(tmp_path / "missing.wav")

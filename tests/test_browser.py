@@ -118,13 +118,12 @@ def screenshot_path(name: str) -> Path:
 async def test_page_answers_a_spoken_question_with_camera_on(gateway, open_page, question_wav):
     page = await open_page(page_url(gateway), microphone=question_wav)
     await expect(page.locator("#workers li")).to_have_count(4)
-    await expect(page.locator('#workers li[data-up="false"]')).to_have_count(0)
+    await expect(page.locator('#workers li[data-state="ready"]')).to_have_count(4)
 
     # Keyboard only: camera on, voice processing off (the test checks content), start.
     await page.get_by_role("checkbox", name="Camera").focus()
     await page.keyboard.press("Space")
-    await page.keyboard.press("Tab")
-    await expect(page.get_by_role("checkbox", name="Echo cancellation")).to_be_focused()
+    await page.get_by_role("checkbox", name="Echo cancellation").focus()
     await page.keyboard.press("Space")
     await page.get_by_role("button", name="Start talking").focus()
     await page.keyboard.press("Enter")
@@ -163,11 +162,152 @@ async def test_page_answers_a_spoken_question_with_camera_on(gateway, open_page,
         return stats["audioPacketsReceived"] > 50 and peak > 0.01
 
     await wait_async(heard, timeout=20)
+    await expect(page.locator("#status")).to_have_text("Listening")  # the answer has played
+    # The turn as the person saw it: listening, then thinking, then speaking, then listening again.
+    assert in_order(await page.evaluate("window.edgestreamDemo.states"), ["listening", "thinking", "speaking", "listening"])
+    # The microphone meter heard the question.
+    assert float(await page.locator("#mic-level").get_attribute("data-peak") or 0) > 0.01
     await page.screenshot(path=screenshot_path("demo-page"), full_page=True)
 
     await page.keyboard.press("Enter")  # Stop has the focus
     await expect(page.locator("#status")).to_have_text("Idle")
     await wait_until(lambda: session_id not in gateway.sessions, timeout=15)
+
+
+@pytest.fixture
+def silent_wav(tmp_path) -> Path:
+    """A quiet microphone (Chromium's own fake one beeps, which could start turns)."""
+    path = tmp_path / "silence.wav"
+    write_wav(path, np.zeros(48_000 * 30, np.int16), 48_000)
+    return path
+
+
+async def start_talking(page: Page) -> None:
+    await page.get_by_role("button", name="Start talking").click()
+    await expect(page.locator("#status")).to_have_text("Listening")
+
+
+async def type_question(page: Page, question: str, turn: int = 1) -> dict:
+    """Type ``question`` on the page and send it with Enter; the ``answer.done`` of its turn."""
+    box = page.get_by_role("textbox", name="Type a question")
+    await box.fill(question)
+    await box.press("Enter")
+    await expect(box).to_have_value("")
+    return await page.evaluate(f"window.edgestreamDemo.session.waitEvent('answer.done', {{match: {{turn: {turn}}}, timeoutMs: 60000}})")
+
+
+async def test_a_typed_question_is_answered_in_text_and_speech(gateway, open_page, silent_wav):
+    page = await open_page(page_url(gateway), microphone=silent_wav)
+    await start_talking(page)
+    question = "What is the capital of France?"
+    done = await type_question(page, question)
+    turn = page.locator("#turns li.turn[data-turn='1']")
+    await expect(turn.locator(".you")).to_have_text(question)
+    await expect(turn.locator(".answer")).to_have_text(done["text"].strip())
+    assert done["text"].strip() and not done["interrupted"]
+    # Spoken too: answer audio with sound reached the page.
+    peak = float(await page.locator("#level").get_attribute("data-peak") or 0)
+    stats = await page.evaluate("window.edgestreamDemo.session.stats()")
+    assert peak > 0.01 and stats["audioPacketsReceived"] > 20, (peak, stats)
+    assert in_order(await page.evaluate("window.edgestreamDemo.states"), ["listening", "thinking", "speaking", "listening"])
+    who = page.locator(".latency-turn[data-turn='1'] tr[data-stage='Speech to text'] .who")
+    await expect(who).to_have_text("typed")
+    # Screen readers are told the final text only, not every token.
+    await expect(page.locator("#announcer")).to_have_text(f"Answer: {done['text'].strip()}")
+    assert await page.locator("#turns").get_attribute("aria-live") is None
+
+
+async def test_stop_then_start_keeps_both_sessions_turns_apart(gateway, open_page, silent_wav):
+    page = await open_page(page_url(gateway), microphone=silent_wav)
+    await start_talking(page)
+    first_session = await page.evaluate("window.edgestreamDemo.session.sessionId")
+    await type_question(page, "What is the capital of France?")
+    await page.get_by_role("button", name="Stop").click()
+    await expect(page.locator("#status")).to_have_text("Idle")
+    await start_talking(page)
+    second_session = await page.evaluate("window.edgestreamDemo.session.sessionId")
+    assert second_session != first_session
+    await type_question(page, "What is the capital of Italy?")  # turn 1 of the new session
+    turns = page.locator("#turns li.turn[data-turn='1']")
+    await expect(turns).to_have_count(2)
+    assert [await t.get_attribute("data-session") for t in await turns.all()] == [first_session, second_session]
+    await expect(turns.nth(0).locator(".you")).to_have_text("What is the capital of France?")
+    await expect(turns.nth(1).locator(".you")).to_have_text("What is the capital of Italy?")
+    # A divider between them says a new session began.
+    items = await page.locator("#turns > li").evaluate_all("items => items.map(i => i.className)")
+    assert items == ["turn", "divider", "turn"], items
+    # Each session's turn 1 has its own latency chart.
+    charts = page.locator(".latency-turn[data-turn='1']")
+    await expect(charts).to_have_count(2)
+    assert {await c.get_attribute("data-session") for c in await charts.all()} == {first_session, second_session}
+
+
+async def test_the_camera_toggles_mid_session(bare_gateway, open_page, silent_wav):
+    page = await open_page(page_url(bare_gateway), microphone=silent_wav)
+    await start_talking(page)
+    session_id = await page.evaluate("window.edgestreamDemo.session.sessionId")
+    session = bare_gateway.sessions[session_id]
+    await expect(page.locator("#camera-card")).to_be_hidden()
+    video_senders = "window.edgestreamDemo.session.pc.getSenders().filter(s => s.track && s.track.kind === 'video').length"
+    assert await page.evaluate(video_senders) == 0
+
+    await page.get_by_role("checkbox", name="Camera").check()
+    await expect(page.locator("#camera-card")).to_be_visible()
+    await wait_until(lambda: session.video_frames >= 5, timeout=20)  # no renegotiation: the same session
+    assert await page.evaluate(video_senders) == 1
+
+    await page.get_by_role("checkbox", name="Camera").uncheck()
+    await expect(page.locator("#camera-card")).to_be_hidden()
+    assert await page.evaluate(video_senders) == 0
+    assert await page.evaluate("document.getElementById('preview').srcObject") is None
+
+    # Off after Stop too: no black preview left behind.
+    await page.get_by_role("checkbox", name="Camera").check()
+    await expect(page.locator("#camera-card")).to_be_visible()
+    await page.get_by_role("button", name="Stop").click()
+    await expect(page.locator("#camera-card")).to_be_hidden()
+    assert await page.evaluate("document.getElementById('preview').srcObject") is None
+
+
+async def test_a_missing_worker_says_starting_and_its_error_clears_once_it_is_back(workers, open_page, silent_wav):
+    from gateway.harness.delay_relay import start_relay
+
+    _, urls = workers
+    llm_port = free_port()
+    real_llm = urls[WorkerKind.LLM][0].removeprefix("ws://")
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5), {**urls, WorkerKind.LLM: [f"ws://127.0.0.1:{llm_port}"]})
+    port = await gateway.start("127.0.0.1", 0)
+    gateway.url = f"ws://127.0.0.1:{port}/session"
+    relay = None
+    try:
+        await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.TTS], timeout=10)
+        page = await open_page(page_url(gateway), microphone=silent_wav)
+        # Nothing listens on its port yet: as while a worker loads its model.
+        await expect(page.locator('#workers li[data-kind="llm"]')).to_have_text("language model: starting…")
+        await start_talking(page)
+        await page.get_by_role("textbox", name="Type a question").fill("What is the capital of France?")
+        await page.get_by_role("button", name="Send").click()
+        await expect(page.locator("#errors")).to_contain_text("No language model worker is available")
+        await expect(page.locator("#status")).to_have_text("Listening")
+        await page.screenshot(path=screenshot_path("worker-missing"), full_page=True)
+
+        # The worker comes up on that port (a relay to a real one): the chip and the error follow.
+        host, _, target_port = real_llm.rpartition(":")
+        relay = await start_relay("127.0.0.1", llm_port, host, int(target_port), 0.0)
+        await expect(page.locator('#workers li[data-kind="llm"]')).to_have_text("language model: ready", timeout=30_000)
+        await expect(page.locator("#errors .error")).to_have_count(0)
+        done = await type_question(page, "What is the capital of Italy?", turn=2)
+        assert done["text"].strip()
+    finally:
+        if relay is not None:
+            relay.close()
+        await gateway.close()
+
+
+def in_order(seen: list[str], expected: list[str]) -> bool:
+    """Whether ``expected`` is a subsequence of ``seen``."""
+    rest = iter(seen)
+    return all(state in rest for state in expected)
 
 
 async def wait_async(predicate: Callable[[], Awaitable[bool]], timeout: float) -> None:
@@ -194,7 +334,7 @@ async def bare_gateway() -> AsyncIterator[Gateway]:
 async def test_denied_microphone_is_explained(bare_gateway, open_page):
     page = await open_page(page_url(bare_gateway), grant_media=False)  # headless Chromium denies the prompt
     await page.get_by_role("button", name="Start talking").click()
-    await expect(page.get_by_role("alert")).to_contain_text("Permission to use the microphone was denied")
+    await expect(page.locator("#errors")).to_contain_text("Permission to use the microphone was denied")
     await expect(page.locator("#status")).to_have_text("Not connected")
     await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
     assert not bare_gateway.sessions
@@ -203,9 +343,9 @@ async def test_denied_microphone_is_explained(bare_gateway, open_page):
 async def test_unreachable_gateway_is_explained(bare_gateway, open_page, question_wav):
     nowhere = f"ws://127.0.0.1:{free_port()}/session"
     page = await open_page(page_url(bare_gateway, f"?gateway={nowhere}"), microphone=question_wav)
-    await expect(page.locator("#workers")).to_contain_text("gateway not reachable")
+    await expect(page.locator("#workers")).to_contain_text("gateway: unreachable")
     await page.get_by_role("button", name="Start talking").click()
-    await expect(page.get_by_role("alert")).to_contain_text(f"Cannot reach the gateway at {nowhere}")
+    await expect(page.locator("#errors")).to_contain_text(f"Cannot reach the gateway at {nowhere}")
     await expect(page.get_by_role("button", name="Start talking")).to_be_enabled()
 
 
@@ -219,7 +359,7 @@ async def test_page_reconnects_after_the_gateway_restarts(open_page, question_wa
     await expect(page.locator("#status")).to_have_text("Listening")
     first_id = await page.evaluate("window.edgestreamDemo.session.sessionId")
     await gateway.close()
-    await expect(page.get_by_role("alert")).to_contain_text("reconnecting")
+    await expect(page.locator("#errors")).to_contain_text("reconnecting")
     await expect(page.locator("#status")).to_have_text("Reconnecting…")
     await expect(page.get_by_role("button", name="Stop")).to_be_enabled()
     await page.screenshot(path=screenshot_path("gateway-lost"))
@@ -227,7 +367,7 @@ async def test_page_reconnects_after_the_gateway_restarts(open_page, question_wa
     await gateway.start("127.0.0.1", port)
     try:
         await expect(page.locator("#status")).to_have_text("Listening")
-        await expect(page.get_by_role("alert")).to_be_hidden()
+        await expect(page.locator("#errors .error")).to_have_count(0)
         session = await page.evaluate("({id: window.edgestreamDemo.session.sessionId, n: window.edgestreamDemo.session.reconnects})")
         assert session["n"] == 1 and session["id"] != first_id and session["id"] in gateway.sessions
         await page.get_by_role("button", name="Stop").click()
@@ -265,9 +405,9 @@ async def test_gateway_killed_mid_session_is_explained(open_page, question_wav):
         await page.get_by_role("button", name="Start talking").click()
         await expect(page.locator("#status")).to_have_text("Listening")
         process.send_signal(signal.SIGKILL)
-        await expect(page.get_by_role("alert")).to_contain_text("The connection to the gateway was lost")
+        await expect(page.locator("#errors")).to_contain_text("The connection to the gateway was lost")
         await expect(page.locator("#status")).to_have_text("Reconnecting…")
-        await expect(page.locator("#workers")).to_contain_text("gateway not reachable", timeout=10_000)
+        await expect(page.locator("#workers")).to_contain_text("gateway: unreachable", timeout=10_000)
         # Giving up is the person's choice: Stop ends the retries.
         await page.get_by_role("button", name="Stop").click()
         await expect(page.locator("#status")).to_have_text("Idle")
@@ -289,7 +429,7 @@ async def test_page_with_a_token_gets_in_and_without_one_is_told_why(open_page, 
     try:
         page = await open_page(f"http://127.0.0.1:{port}/", microphone=question_wav)
         await page.get_by_role("button", name="Start talking").click()
-        await expect(page.get_by_role("alert")).to_contain_text("This gateway needs an access token")
+        await expect(page.locator("#errors")).to_contain_text("This gateway needs an access token")
         await expect(page.locator("#status")).to_have_text("Not connected")
         await page.get_by_label("Access token").fill(token)
         await page.get_by_role("button", name="Start talking").click()
@@ -311,11 +451,11 @@ async def test_missing_worker_kind_is_explained_and_the_session_goes_on(workers,
     try:
         await gateway.pool.wait_ready([WorkerKind.STT], timeout=10)
         page = await open_page(page_url(gateway), microphone=question_wav)
-        await expect(page.locator('#workers li[data-up="false"]')).to_have_text("language model missing")
+        await expect(page.locator('#workers li[data-kind="llm"]')).to_have_text("language model: missing")
         await page.get_by_role("checkbox", name="Echo cancellation").uncheck()  # the test checks content
         await page.get_by_role("button", name="Start talking").click()
-        await expect(page.get_by_role("alert")).to_contain_text("No language model worker is available")
-        await expect(page.get_by_role("alert")).to_contain_text("edgestream worker llm")
+        await expect(page.locator("#errors")).to_contain_text("No language model worker is available")
+        await expect(page.locator("#errors")).to_contain_text("edgestream worker llm")
         # The turn was still heard, and the session is still live.
         you = page.locator("#turns li[data-turn='1'] .you:not(.partial)")
         await expect(you).not_to_be_empty()
@@ -392,9 +532,10 @@ async def test_sdk_example_page_sends_its_view_as_the_camera(bare_gateway, open_
 
 async def test_page_is_keyboard_operable_and_fits_a_phone(bare_gateway, open_page):
     page = await open_page(page_url(bare_gateway), viewport={"width": 360, "height": 740})
-    for role, name in (("button", "Start talking"), ("button", "Stop"), ("checkbox", "Camera"), ("checkbox", "Echo cancellation")):
+    for role, name in (("button", "Start talking"), ("button", "Stop"), ("checkbox", "Camera"), ("checkbox", "Push to talk"), ("textbox", "Type a question")):
         await expect(page.get_by_role(role, name=name)).to_have_count(1)
-    await expect(page.get_by_role("meter", name="Answer audio")).to_have_count(1)
+    for name in ("You", "Answer"):
+        await expect(page.get_by_role("meter", name=name, exact=True)).to_have_count(1)
     # Tab reaches the controls in reading order, and the focused one is outlined.
     await page.keyboard.press("Tab")
     await expect(page.get_by_role("button", name="Start talking")).to_be_focused()
@@ -406,6 +547,10 @@ async def test_page_is_keyboard_operable_and_fits_a_phone(bare_gateway, open_pag
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     box = await page.get_by_role("button", name="Start talking").bounding_box()
     assert box is not None and box["height"] >= 44
+    # On a phone the settings are folded away, so the conversation comes first; they open with a tap.
+    await expect(page.get_by_role("checkbox", name="Echo cancellation")).to_be_hidden()
+    await page.get_by_text("Settings").click()
+    await expect(page.get_by_role("checkbox", name="Echo cancellation")).to_be_visible()
 
 
 async def test_sdk_reconnects_after_a_gateway_restart_and_answers_again(workers, open_page, speak):

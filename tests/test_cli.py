@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import sys
@@ -34,6 +35,22 @@ async def run(*args: str, timeout: float = 120) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(*EDGESTREAM, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), timeout)
     return process.returncode, output.decode()
+
+
+async def run_split(*command: str, timeout: float = 60) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command."""
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, out.decode(), err.decode()
+
+
+def one_error_line(code: int, out: str, err: str) -> str:
+    """The one ``error:`` line a mistake must give (and no traceback, anywhere)."""
+    assert code != 0, (out, err)
+    assert "Traceback" not in out + err, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 class RunningWorker:
@@ -174,3 +191,136 @@ def test_a_worker_with_more_threads_than_cores_says_so(caplog):
     assert not warn_if_oversubscribed(WorkerKind.LLM, LlmSettings(capacity=2, threads=1), cores=2)
     assert warn_if_oversubscribed(WorkerKind.LLM, LlmSettings(capacity=2, threads=2), cores=2)
     assert "set threads to 1 or less" in caplog.text and "2 x threads 2 = 4 threads on 2 cores" in caplog.text
+
+
+# -- ordinary mistakes: one line each, and a non-zero exit ------------------------------------
+
+SDK = [sys.executable, "-m", "stream.sdk"]
+
+
+async def test_ordinary_mistakes_give_one_line_and_a_nonzero_exit(tmp_path: Path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not audio, not an image")
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    mistakes = {
+        "probe: missing file": ([*EDGESTREAM, "probe", "stt", str(tmp_path / "question.wav")], "question.wav: no such file"),
+        "probe: not audio": ([*EDGESTREAM, "probe", "stt", str(notes)], "not a sound file"),
+        "probe: not an image": ([*EDGESTREAM, "probe", "vision", str(notes)], "not a PNG or JPEG image"),
+        "worker: corrupt model": ([*EDGESTREAM, "worker", "llm", "--model", str(corrupt), "--port", "0"], f"cannot load {corrupt} as the llm model"),
+        "sdk: no arguments": ([*SDK], "give a sound file of a spoken question, or --ask TEXT"),
+        "sdk: missing file": ([*SDK, str(tmp_path / "q.wav")], "q.wav: no such file"),
+        "sdk: no gateway": ([*SDK, "--ask", "hi", "--gateway", "ws://127.0.0.1:9/session"], "cannot reach the gateway at ws://127.0.0.1:9/session"),
+    }
+    for name, (command, expected) in mistakes.items():
+        line = one_error_line(*await run_split(*command))
+        assert expected in line, (name, line)
+
+
+async def test_a_gateway_without_workers_is_told_to_the_sdk_in_its_own_words():
+    gateway_port = free_port()
+    gateway = await asyncio.create_subprocess_exec(
+        *EDGESTREAM, "gateway", "--port", str(gateway_port), "--loopback-ice", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(30):
+            while b"listening on" not in await gateway.stdout.readline():
+                pass
+        # The default config names workers on ports nobody listens on here: none is connected.
+        line = one_error_line(*await run_split(*SDK, "--ask", "What time is it?", "--gateway", f"ws://127.0.0.1:{gateway_port}/session"))
+        assert "no_worker: no llm worker is available" in line
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(gateway.communicate(), 30)
+
+
+async def test_sdk_help_is_help_not_a_file_name():
+    code, out, _ = await run_split(*SDK, "--help")
+    assert code == 0 and "usage: python -m stream.sdk" in out and "--ask TEXT" in out
+
+
+async def test_version_and_a_help_that_starts_with_what_a_user_needs_first():
+    from importlib.metadata import version
+
+    code, out, _ = await run_split(*EDGESTREAM, "--version")
+    assert code == 0 and out.strip() == f"edgestream {version('edgestream')}"
+    code, out, _ = await run_split(*EDGESTREAM, "--help")
+    assert code == 0
+    assert out.index("Start") < out.index(" up ") < out.index("Try it") < out.index("Test and measure"), out
+
+
+async def test_up_with_its_port_taken_says_so_before_any_model_loads(tmp_path: Path):
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        code, out, err = await run_split(*EDGESTREAM, "up", "--port", str(port), timeout=30)
+    finally:
+        blocker.close()
+    line = one_error_line(code, out, err)
+    assert f"the gateway: cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+    assert "loading" not in out and "started" not in out  # nothing was started
+
+
+async def test_debug_shows_the_traceback_behind_the_line(tmp_path: Path):
+    code, _, err = await run_split(*EDGESTREAM, "--debug", "worker", "llm", "--model", str(tmp_path / "nope.gguf"), "--port", "0")
+    assert code == 1 and err.startswith("error: llm model not found") and "Traceback" in err
+
+
+async def test_a_worker_killed_under_up_comes_back_and_the_gateway_stays_up(tmp_path: Path):
+    from stream.sdk import GatewaySession
+
+    config = tmp_path / "box.toml"
+    ports = {kind: free_port() for kind in WorkerKind}
+    gateway_port = free_port()
+    config.write_text(
+        "".join(f"[workers.{kind.value}]\nport = {ports[kind]}\ncapacity = 1\nthreads = 1\n" for kind in WorkerKind)
+        + f"[gateway]\nport = {gateway_port}\nloopback_ice = true\n"
+    )
+    process = await asyncio.create_subprocess_exec(*EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output: list[str] = []
+
+    async def line_matching(pattern: str, timeout: float) -> re.Match[str]:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                assert line, "edgestream up ended early:\n" + "".join(output)
+                output.append(line)
+                if match := re.search(pattern, line):
+                    return match
+
+    session = None
+    try:
+        pids = {}
+        for _ in range(len(WorkerKind) + 1):
+            match = await line_matching(r"^edgestream up: started the (\w+)(?: worker)? \(pid (\d+)\)", 30)
+            pids[match.group(1)] = int(match.group(2))
+        ready = await line_matching(r"^edgestream up: ready in \d+ s: open (http://\S+) in a browser", 180)
+        assert ready.group(1) == f"http://127.0.0.1:{gateway_port}/"
+        assert not any("Connection refused" in line or "out of rotation" in line for line in output), "".join(output)
+
+        session = await GatewaySession.connect(f"ws://127.0.0.1:{gateway_port}/session", loopback_ice=True)
+        os.kill(pids["llm"], signal.SIGKILL)
+        await line_matching(r"^edgestream up: the llm worker exited with -9; starting it again in", 10)
+        # A turn in the gap: answered if the worker is already back, else a clear error; never silence.
+        seen = session.ask("What is the capital of France?")
+        while (outcome := await session.wait_event("*", timeout=60, after=seen))["type"] not in ("answer.done", "error"):
+            seen += 1  # wait_event("*", after=i) is events[i]
+        assert outcome["type"] == "answer.done" or outcome["code"] in ("no_worker", "llm_failed"), outcome
+
+        restarted = await line_matching(r"^edgestream up: the llm worker started again \(pid (\d+), restart 1\)", 30)
+        assert int(restarted.group(1)) != pids["llm"]
+        async with asyncio.timeout(120):  # the new worker loads its model and the gateway's link re-dials it
+            while not json.loads(await http_get(gateway_port, "/healthz"))["workers"]["llm"]:
+                await asyncio.sleep(0.2)
+        after = session.ask("What is the capital of Italy?")
+        done = await session.wait_event("answer.done", timeout=60, after=after)
+        assert done["text"].strip()
+        # The same gateway served both turns: it never exited.
+        assert session.connected and not any("the gateway exited" in line for line in output)
+        os.kill(pids["gateway"], 0)
+    finally:
+        if session is not None:
+            await session.close()
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, "".join(output) + rest.decode()

@@ -479,6 +479,25 @@ def test_an_answer_that_played_out_is_not_interrupted_by_the_next_turn():
 # -- a worker lost mid-turn, per kind ----------------------------------------------------------------
 
 
+def test_a_speculative_answer_that_fails_is_told_after_its_transcript_and_only_if_the_turn_ends():
+    talk = Talk()
+    talk.speak()
+    talk.pause()
+    talk(Transcript(talk.start(STT), "What time is it", flushed=True))
+    talk(JobFailed(talk.job(LLM), NO_WORKER, "no llm worker is available"))
+    assert not talk.events(ErrorEvent, talk.new())  # held: the turn may not be over
+    talk.resume()  # it was not: the failed speculation is dropped unsaid
+    assert not talk.events(ErrorEvent, talk.new())
+    talk.pause()
+    talk(Transcript(talk.job(STT), "What time is it in Paris", flushed=True))
+    talk(JobFailed(talk.job(LLM), NO_WORKER, "no llm worker is available"))
+    talk.end()
+    out = talk.new()
+    emitted = [c.event for c in talk.of(cmd.Emit, out)]
+    assert [type(e) for e in emitted] == [TranscriptFinal, ErrorEvent] and emitted[1].code == NO_WORKER
+    assert cmd.CountTurn("failed") in out
+
+
 # -- typed questions and interrupt --------------------------------------------------------
 
 

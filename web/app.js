@@ -320,6 +320,10 @@ function onError(event, view) {
   if (view && fatal) {
     view.done = true;
     view.you.classList.remove("partial");
+    if (view.answer.hidden) {
+      view.answer.hidden = false;
+      view.answer.innerHTML = '<span class="cut">(not answered)</span>';
+    }
     setState("listening");
   }
 }

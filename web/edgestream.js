@@ -141,6 +141,7 @@ export class GatewaySession extends EventTarget {
     const channel = pc.createDataChannel("events");
     this._channel = channel;
     channel.onmessage = (e) => this._onEvent(e.data);
+    const channelOpen = new Promise((resolve) => (channel.onopen = resolve));
     const connected = new Promise((resolve, reject) => {
       pc.onconnectionstatechange = () => {
         if (pc.connectionState === "connected") resolve();
@@ -175,7 +176,8 @@ export class GatewaySession extends EventTarget {
     signaling.onclose = () =>
       this._lost(pc, lastError ?? new GatewayError("gateway_lost", "the connection to the gateway was lost"));
     await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
-    await Promise.race([connected, this.closed.then((reason) => Promise.reject(reason))]);
+    // Open once media flows and the events channel is open: ask() works as soon as connect() returns.
+    await Promise.race([Promise.all([connected, channelOpen]), this.closed.then((reason) => Promise.reject(reason))]);
   }
 
   /** The connection of `pc` is gone: end the session, or reconnect. @private */

@@ -703,7 +703,11 @@ class Conversation:
             owner.stt = None
             if owner is self._unresolved:
                 self._unresolved = None
-        self._out += [cmd.Emit(ErrorEvent(code=code, message=event.message, turn=self._turn_of(work).number)), cmd.CountTurn("failed")]
+        failure = [cmd.Emit(ErrorEvent(code=code, message=event.message, turn=self._turn_of(work).number)), cmd.CountTurn("failed")]
+        if isinstance(owner, _Answer) and not owner.confirmed:
+            owner.held += failure  # told once the turn is confirmed, after its transcript; never if speech resumes
+        else:
+            self._out += failure
         if isinstance(owner, _Answer):
             if work.kind is WorkerKind.TTS:  # the answer goes on as text
                 owner.speechless = True
