@@ -164,6 +164,21 @@ def gateway(
 
 
 @app.command(rich_help_panel=TRY)
+def samples(directory: Annotated[Path, typer.Argument(help="Where to write question.wav and sign.png.")] = Path(".")) -> None:
+    """Write a spoken question (question.wav) and a sign to read (sign.png), made here with the embedded models."""
+    from workers.samples import write_samples
+
+    try:
+        question, sign = write_samples(directory)
+    except OSError as exc:
+        raise fail(f"cannot write to {directory}: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {question} and {sign}; try them:")
+    typer.echo(f"  python -m stream.sdk {question}            # a spoken question to the gateway (edgestream up)")
+    typer.echo(f"  edgestream probe stt {question}")
+    typer.echo(f"  edgestream probe vision {sign}")
+
+
+@app.command(rich_help_panel=TRY)
 def probe(
     kind: Annotated[WorkerKind, typer.Argument(help="stt, llm, tts or vision")],
     input: Annotated[str, typer.Argument(help="stt: a WAV file; llm: a prompt; tts: text; vision: a PNG/JPEG file")],

@@ -324,3 +324,15 @@ async def test_a_worker_killed_under_up_comes_back_and_the_gateway_stays_up(tmp_
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, "".join(output) + rest.decode()
+
+
+async def test_samples_are_made_here_and_the_sdk_asks_the_spoken_one(tmp_path: Path, gateway):
+    code, out, err = await run_split(*EDGESTREAM, "samples", str(tmp_path), timeout=120)
+    assert code == 0, err
+    assert f"python -m stream.sdk {tmp_path / 'question.wav'}" in out
+    assert (tmp_path / "sign.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = await run_split(*SDK, str(tmp_path / "question.wav"), "--gateway", gateway.url, timeout=120)
+    assert code == 0, out + err
+    said = re.search(r"^you said: (.*)$", out, re.M)
+    assert said and word_error_rate("What is the capital of France?", said.group(1)) <= 0.34, out
+    assert re.search(r"^answer: +\S", out, re.M) and re.search(r"^latency: +answer audio [\d.]+ ms", out, re.M), out

@@ -6,20 +6,16 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from stream.protocol import MediaFormat, WorkerKind
 from stream.worker_client import JobFailed
+from workers.samples import sign_image
 
 pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
 
 
-def sign(text: str, size: tuple[int, int] = (640, 360)) -> Image.Image:
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((30, 100, size[0] - 30, 260), fill=(20, 90, 40))
-    draw.text((60, 140), text, fill="white", font=ImageFont.load_default(size=64))
-    return image
+sign = sign_image
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:

@@ -143,7 +143,7 @@ async function refreshWorkers() {
     health = await reply.json();
   } catch {
     lastHealth = null;
-    $("workers").replaceChildren(chip("gateway", "unreachable", "down", false));
+    $("workers").replaceChildren(chip("gateway", "unreachable", "down", true));
     if (!session) showError("gateway", `Cannot reach the gateway at ${healthUrl.replace(/\/healthz$/, "")}. Is it running (edgestream up)?`);
     healthTimer = setTimeout(refreshWorkers, HEALTH_POLL_MS.changing);
     return;

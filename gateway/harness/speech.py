@@ -1,42 +1,21 @@
 """Questions spoken aloud for harnesses and tests: the embedded piper voice, and espeak-ng's voices and accents.
 
-Written once here: every benchmark, chaos run and test that needs speech with
-known words gets it from :func:`piper_voice` or :func:`espeak`.
+Every benchmark, chaos run and test that needs speech with known words gets
+it from :func:`piper_voice` (written once, in ``workers/samples.py``) or :func:`espeak`.
 """
 
 from __future__ import annotations
 
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
 from stream.audio import read_wav, resample
-from stream.config import TtsSettings
-from stream.protocol import WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE
+from workers.samples import Say, piper_voice
 
-Say = Callable[[str], np.ndarray]
-"""``say(text)``: the text spoken, as mono int16 at the rate asked for."""
-
-
-@contextmanager
-def piper_voice(settings: TtsSettings | None = None, rate: int = STT_SAMPLE_RATE) -> Iterator[Say]:
-    """The piper voice of ``settings`` (default: the embedded one, one thread) as ``say``; loaded once, closed on exit.
-
-    Loading costs ~0.5 s and ~100 MB; each sentence ~0.1-0.5 s on 2 cores.
-    """
-    from piper import SynthesisConfig
-
-    from workers.launch import load_engine
-
-    tts = load_engine(WorkerKind.TTS, settings or TtsSettings(threads=1))
-    try:
-        yield lambda text: resample(tts.synthesize(text, SynthesisConfig()), tts.sample_rate, rate)
-    finally:
-        tts.close()
+__all__ = ["Say", "espeak", "piper_voice", "speak_with_piper", "trim_silence"]
 
 
 def speak_with_piper(*texts: str, rate: int = STT_SAMPLE_RATE) -> list[np.ndarray]:
