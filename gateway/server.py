@@ -331,7 +331,7 @@ class Gateway:
             self.sessions.pop(session.id, None)
             await session.close()
             self._trim.soon()  # what its media buffers held goes back to the system
-            log.info("session %s: closed", session.id)
+            log.info("session %s: ended", session.id)
 
     async def _watch(self, session: Session, websocket: ServerConnection) -> None:
         """Keep the session while its signaling socket is open and ICE connects."""

@@ -269,6 +269,35 @@ async def test_the_camera_toggles_mid_session(bare_gateway, open_page, silent_wa
     assert await page.evaluate("document.getElementById('preview').srcObject") is None
 
 
+async def test_mute_and_push_to_talk_gate_the_microphone(bare_gateway, open_page, silent_wav):
+    page = await open_page(page_url(bare_gateway), microphone=silent_wav)
+    await start_talking(page)
+    sending = "window.edgestreamDemo.microphone.enabled"
+    assert await page.evaluate(sending)
+    mute = page.get_by_role("button", name="Mute")
+    await mute.click()
+    await expect(page.get_by_role("button", name="Unmute")).to_have_attribute("aria-pressed", "true")
+    assert not await page.evaluate(sending)
+    await page.get_by_role("button", name="Unmute").click()
+    assert await page.evaluate(sending)
+    # Push to talk: the microphone is sent only while the button is held (pointer or keyboard).
+    await page.get_by_role("checkbox", name="Push to talk").check()
+    await expect(page.get_by_role("button", name="Hold to talk")).to_be_visible()
+    talk = page.locator("#talk")  # its name changes while held
+    assert not await page.evaluate(sending)
+    await talk.focus()
+    await page.keyboard.down("Space")
+    assert await page.evaluate(sending)
+    await page.keyboard.up("Space")
+    assert not await page.evaluate(sending)
+    await talk.dispatch_event("pointerdown")
+    assert await page.evaluate(sending)
+    await talk.dispatch_event("pointerup")
+    assert not await page.evaluate(sending)
+    await page.get_by_role("checkbox", name="Push to talk").uncheck()
+    assert await page.evaluate(sending)
+
+
 async def test_a_missing_worker_says_starting_and_its_error_clears_once_it_is_back(workers, open_page, silent_wav):
     from gateway.harness.delay_relay import start_relay
 

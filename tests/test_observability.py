@@ -110,7 +110,11 @@ async def test_readiness_names_a_missing_worker_kind(workers):
         assert status == 503
         assert json.loads(body)["missing"] == ["llm"]
         status, body = await http_get(f"http://127.0.0.1:{port}/healthz")
-        assert status == 200 and json.loads(body)["workers"]["llm"] is False
+        health = json.loads(body)
+        assert status == 200 and health["workers"]["llm"] is False
+        # Never reached: as a worker still loading its model looks. The page says "starting".
+        assert health["states"] == {"stt": "ready", "llm": "starting", "tts": "ready", "vision": "ready"}
+        assert health["required"] == ["stt", "llm", "tts"]
     finally:
         await gateway.close()
 
@@ -126,6 +130,11 @@ async def test_the_page_server_answers_unknown_and_impossible_paths_with_404(gat
     for path in ("/nope.html", "/" + "a" * 300, "/x/" + "b" * 5000 + ".js", "/../../etc/passwd", "/a%00b", "/a\x00b"):
         status, body = await http_get(f"{base}{path}")
         assert status == 404 and body.strip() == "not found", path
+
+
+async def test_the_browsers_favicon_request_gets_the_icon(gateway):
+    status, headers, body = await raw_http(http_base(gateway.url), b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml" and body.startswith(b"<svg")
 
 
 async def raw_http(base: str, request: bytes) -> tuple[int, dict[str, str], bytes]:

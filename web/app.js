@@ -645,4 +645,5 @@ refreshWorkers();
 // For tests and debugging from the console.
 Object.defineProperty(demo, "session", { get: () => session });
 Object.defineProperty(demo, "health", { get: () => lastHealth });
+Object.defineProperty(demo, "microphone", { get: () => media?.getAudioTracks()[0] ?? null });
 window.edgestreamDemo = demo;
