@@ -114,6 +114,10 @@ def worker(
     threads: Annotated[int | None, typer.Option(help="CPU threads per job.")] = None,
     announce: Annotated[bool | None, typer.Option("--announce/--no-announce", help="Announce it on the LAN by mDNS.")] = None,
     announce_address: Annotated[str | None, typer.Option(help="HOST:PORT to announce instead of the bound one.")] = None,
+    wyoming: Annotated[str | None, typer.Option(help="stt, tts: also serve Wyoming (Home Assistant) on HOST:PORT.")] = None,
+    wyoming_open: Annotated[
+        bool | None, typer.Option("--wyoming-open/--no-wyoming-open", help="Let Wyoming listen beyond loopback (no authentication).")
+    ] = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Start a worker of KIND on this box: the edge-box launch command."""
@@ -125,7 +129,18 @@ def worker(
     cfg = _with_log_format(_config(config), log_format)
     settings = cfg.workers.for_kind(kind)
     settings = _overridden(
-        settings, dict(host=host, port=port, model=model, capacity=capacity, threads=threads, announce=announce, announce_address=announce_address)
+        settings,
+        dict(
+            host=host,
+            port=port,
+            model=model,
+            capacity=capacity,
+            threads=threads,
+            announce=announce,
+            announce_address=announce_address,
+            wyoming=wyoming,
+            wyoming_open=wyoming_open,
+        ),
     )
     try:
         run_worker(kind, settings, cfg.log, cfg.security)

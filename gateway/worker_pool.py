@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from stream.backoff import Backoff
 from stream.protocol import ErrorCode, WorkerKind
 from stream.worker_client import JobFailed, WorkerClient
+from stream.wyoming_client import WyomingClient
 
 from .admission import WaitingLine
 from .metrics import GatewayMetrics
@@ -42,6 +43,18 @@ log = logging.getLogger("edgestream.gateway")
 
 ModelPin = tuple[str, str]
 """(model id, sha256): a session keeps one model per kind."""
+
+
+WorkerLink = WorkerClient | WyomingClient
+
+
+async def connect_worker(url: str, kind: WorkerKind, *, open_timeout: float, key: bytes | None, ssl_context: ssl.SSLContext | None) -> WorkerLink:
+    """A link to the worker at ``url``: an edgestream worker (``ws://``, ``wss://``), or a Wyoming STT
+    or TTS server (``tcp://``, through :class:`~stream.wyoming_client.WyomingClient`). Wyoming has no
+    authentication or TLS: a ``tcp://`` entry in the config is the operator's choice to use one anyway."""
+    if url.startswith("tcp://"):
+        return await WyomingClient.connect(url, kind, open_timeout)
+    return await WorkerClient.connect(url, kind, open_timeout, key=key, ssl_context=ssl_context)
 
 
 NEVER_UP_WARN_S = 120.0
@@ -79,7 +92,7 @@ class PooledWorker:
         self.kind = kind
         self.source = source
         self.expect_model = expect_model
-        self.client: WorkerClient | None = None
+        self.client: WorkerLink | None = None
         self.estimate = WorkerEstimate(worker_id=url, kind=kind, healthy=False)
         self.failures = 0
         self.problem = "not connected yet"
@@ -109,7 +122,7 @@ class PooledWorker:
         while True:
             connected_at = None
             try:
-                self.client = await WorkerClient.connect(
+                self.client = await connect_worker(
                     self.url, self.kind, open_timeout=settings.connect_timeout_s, key=self.pool.key, ssl_context=self.pool.ssl_context
                 )
                 hello = self.client.hello
@@ -163,8 +176,7 @@ class PooledWorker:
         client = self.client
         while not client.closed:
             try:
-                pong = await client.websocket.ping()
-                latency = await asyncio.wait_for(pong, settings.ping_timeout_s)
+                latency = await asyncio.wait_for(client.ping(), settings.ping_timeout_s)
             except TimeoutError:
                 raise TimeoutError(f"no pong within {settings.ping_timeout_s:g} s (stalled)") from None
             except Exception as exc:  # the connection went away
@@ -214,7 +226,7 @@ class Lease:
         self.id = next(self._ids)
         self.pool = pool
         self.member = member
-        self.client: WorkerClient = member.client
+        self.client: WorkerLink = member.client
         self.size = job.size_on(member.worker_id)
         self.worker_id = member.worker_id
         self.model = member.estimate.model

@@ -58,8 +58,13 @@ class WorkerSettings(_Section):
     """Announce this worker on the LAN by mDNS (``_edgestream._tcp``) so gateways find it."""
     announce_address: str = ""
     """``HOST:PORT`` to announce instead of the bound address (behind a port forward or a relay)."""
+    wyoming: str = ""
+    """``HOST:PORT`` to serve the Wyoming protocol on too (STT and TTS workers: Home Assistant); empty: not."""
+    wyoming_open: StrictBool = False
+    """Let the Wyoming listener take a non-loopback address: Wyoming has no authentication,
+    so anyone who reaches it can run jobs (as Home Assistant's own Wyoming servers allow)."""
 
-    @field_validator("announce_address")
+    @field_validator("announce_address", "wyoming")
     @classmethod
     def _host_port(cls, value: str) -> str:
         if value:

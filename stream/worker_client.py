@@ -255,6 +255,11 @@ class WorkerClient:
     def closed(self) -> bool:
         return self._reader.done()
 
+    async def ping(self) -> float:
+        """A WebSocket ping's round trip, in seconds (the pool's health check and RTT estimate)."""
+        pong = await self.websocket.ping()
+        return await pong
+
     # -- jobs ------------------------------------------------------------------
 
     async def start_job(self, params: BaseModel | dict[str, Any], *, trace: str | None = None) -> JobHandle:

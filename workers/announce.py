@@ -29,10 +29,14 @@ def announce_addresses(host: str) -> list[str]:
     return found
 
 
-class Announcer:
-    """Publishes one worker while it runs."""
+WYOMING_SERVICE_TYPE = "_wyoming._tcp.local."
+"""What Home Assistant's Wyoming integration browses for."""
 
-    def __init__(self, server: WorkerServer, host: str, port: int, tls: bool = False) -> None:
+
+class Announcer:
+    """Publishes one worker while it runs: its WebSocket for gateways, and its Wyoming service if it has one."""
+
+    def __init__(self, server: WorkerServer, host: str, port: int, tls: bool = False, wyoming_port: int | None = None) -> None:
         self.server = server
         self.addresses = announce_addresses(host)
         self.port = port
@@ -46,17 +50,30 @@ class Announcer:
             properties=properties(hello.kind, hello.model_id, hello.model_sha256, hello.capacity, tls),
             server=f"{name}.local.",
         )
+        self.infos = [self.info]
+        if wyoming_port is not None:
+            self.infos.append(
+                AsyncServiceInfo(
+                    WYOMING_SERVICE_TYPE,
+                    f"{name}.{WYOMING_SERVICE_TYPE}",
+                    addresses=[socket.inet_aton(a) for a in self.addresses],
+                    port=wyoming_port,
+                    server=f"{name}.local.",
+                )
+            )
         self._zeroconf: AsyncZeroconf | None = None
 
     async def start(self) -> None:
         # Only the announced addresses' interfaces: nothing goes out elsewhere.
         self._zeroconf = AsyncZeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
         # The first await queues the registration, the second waits for its probes and announcements.
-        await (await self._zeroconf.async_register_service(self.info))
-        log.info("announced %s on %s", self.info.name, ", ".join(f"{a}:{self.port}" for a in self.addresses))
+        for info in self.infos:
+            await (await self._zeroconf.async_register_service(info))
+            log.info("announced %s on %s", info.name, ", ".join(f"{a}:{info.port}" for a in self.addresses))
 
     async def close(self) -> None:
         if self._zeroconf is not None:
             # Wait for the goodbye packets to go out before the sockets close.
-            await (await self._zeroconf.async_unregister_service(self.info))
+            for info in self.infos:
+                await (await self._zeroconf.async_unregister_service(info))
             await self._zeroconf.async_close()

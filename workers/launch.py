@@ -128,8 +128,11 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
             "worker_key_file (create it with `edgestream keys worker PATH`, the same file on the gateway), or listen on 127.0.0.1"
         )
     ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
+    wyoming_address = _wyoming_address(kind, settings)
     warn_if_oversubscribed(kind, settings)
     check_can_listen(settings.host, settings.port, f"{kind.value} worker")  # before a model that takes seconds to load
+    if wyoming_address is not None:
+        check_can_listen(*wyoming_address, f"{kind.value} worker's Wyoming listener")
     engine = await asyncio.to_thread(_load_with_progress, kind, settings)
     server = WorkerServer(
         engine,
@@ -149,6 +152,14 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
         f"  clients {'must prove the key in ' + security.worker_key_file if key else 'are not authenticated (no worker_key_file)'}",
         flush=True,
     )
+    wyoming = None
+    wyoming_port = None
+    if wyoming_address is not None:
+        from .wyoming_server import WyomingListener
+
+        wyoming = WyomingListener(server)
+        wyoming_port = await wyoming.start(*wyoming_address)
+        print(f"  Wyoming (Home Assistant) on tcp://{wyoming_address[0]}:{wyoming_port}, no authentication", flush=True)
     announcer = None
     if settings.announce:
         from .announce import Announcer
@@ -157,15 +168,32 @@ async def serve_worker(kind: WorkerKind, settings: WorkerSettings, security: Sec
         if settings.announce_address:
             host, _, text = settings.announce_address.rpartition(":")
             announced_port = int(text)
-        announcer = Announcer(server, host, announced_port, tls=ssl_context is not None)
+        announcer = Announcer(server, host, announced_port, tls=ssl_context is not None, wyoming_port=wyoming_port)
         await announcer.start()
         print(f"  announced by mDNS as {', '.join(announcer.addresses)} port {announced_port}", flush=True)
     await until_signalled()
     print(f"edgestream {kind.value} worker: stopping", flush=True)
     if announcer is not None:
         await announcer.close()
+    if wyoming is not None:
+        await wyoming.close()
     await server.close()
     engine.close()
+
+
+def _wyoming_address(kind: WorkerKind, settings: WorkerSettings) -> tuple[str, int] | None:
+    """Where the Wyoming listener goes (``None``: nowhere); a non-loopback one needs ``wyoming_open``."""
+    if not settings.wyoming:
+        return None
+    if kind not in (WorkerKind.STT, WorkerKind.TTS):
+        raise ExposureError(f"wyoming: only stt and tts workers speak Wyoming, not {kind.value}")
+    host, _, port = settings.wyoming.rpartition(":")
+    if not is_loopback(host) and not settings.wyoming_open:
+        raise ExposureError(
+            f"wyoming: listening on {host} lets anyone on the network run jobs (Wyoming has no authentication): "
+            "set wyoming_open = true (--wyoming-open) to mean it, or listen on 127.0.0.1"
+        )
+    return host, int(port)
 
 
 def run_worker(kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings(), security: SecuritySettings = SecuritySettings()) -> None:
