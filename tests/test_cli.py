@@ -217,16 +217,25 @@ async def test_ordinary_mistakes_give_one_line_and_a_nonzero_exit(tmp_path: Path
         assert expected in line, (name, line)
 
 
-async def test_a_gateway_without_workers_is_told_to_the_sdk_in_its_own_words():
+async def test_a_gateway_without_workers_is_told_to_the_sdk_in_its_own_words(tmp_path: Path):
     gateway_port = free_port()
+    config = tmp_path / "nobody.toml"  # workers on ports nobody listens on
+    config.write_text("[gateway.workers]\n" + "".join(f'{kind.value} = ["ws://127.0.0.1:{free_port()}"]\n' for kind in WorkerKind))
     gateway = await asyncio.create_subprocess_exec(
-        *EDGESTREAM, "gateway", "--port", str(gateway_port), "--loopback-ice", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *EDGESTREAM,
+        "gateway",
+        "--config",
+        str(config),
+        "--port",
+        str(gateway_port),
+        "--loopback-ice",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with asyncio.timeout(30):
             while b"listening on" not in await gateway.stdout.readline():
                 pass
-        # The default config names workers on ports nobody listens on here: none is connected.
         line = one_error_line(*await run_split(*SDK, "--ask", "What time is it?", "--gateway", f"ws://127.0.0.1:{gateway_port}/session"))
         assert "no_worker: no llm worker is available" in line
     finally:

@@ -831,3 +831,14 @@ def test_every_input_type_is_handled_and_anything_else_is_refused():
     talk = Talk()
     with pytest.raises(TypeError):
         talk("not an event")
+
+
+def test_stt_is_not_pinned_to_a_model_but_the_llm_and_tts_are():
+    talk = Talk()
+    answered_turn(talk)
+    talk.speak()
+    starts = {c.job.kind: c for c in talk.of(cmd.StartJob)[-1:]}
+    assert starts[STT].model is None  # any recogniser may hear the next utterance
+    talk.pause()
+    talk(Transcript(talk.start(STT, "stt-b"), "And tomorrow?", flushed=True))
+    assert talk.of(cmd.StartJob)[-1].job.kind is LLM and talk.of(cmd.StartJob)[-1].model == MODEL

@@ -276,3 +276,50 @@ async def test_a_spoken_question_is_heard_and_spoken_by_wyoming_servers(wyoming_
         if session is not None:
             await session.close()
         await gateway.close()
+
+
+@pytest.mark.models
+@pytest.mark.parametrize("killed", ["wyoming", "edgestream"])
+async def test_killing_either_stt_worker_mid_turn_loses_no_turn(killed, wyoming_servers, start_worker, speak):
+    """One edgestream STT worker and one Wyoming STT server: the one holding the turn's job is
+    killed (SIGKILL) while the person speaks; the turn is heard by the other and answered."""
+    import signal
+
+    from gateway.server import Gateway
+    from stream.config import GatewaySettings
+    from stream.sdk import GatewaySession
+    from tests.conftest import wait_until, with_silence
+    from tests.test_cli import start_worker_process
+
+    native = await start_worker_process(WorkerKind.STT, "--capacity", "1", "--threads", "1")
+    _, llm = await start_worker(WorkerKind.LLM)
+    _, tts = await start_worker(WorkerKind.TTS)
+    first, second = (wyoming_servers["stt"], native.url) if killed == "wyoming" else (native.url, wyoming_servers["stt"])
+    urls = {WorkerKind.STT: [first], WorkerKind.LLM: [llm], WorkerKind.TTS: [tts]}
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, vision_on_turn=False), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    session = None
+    try:
+        await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS], timeout=20)
+        session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
+        question = "Please tell me what time the museum opens on Sunday morning."
+        speaking = asyncio.create_task(session.say(with_silence(speak(question)), 16000))
+        holder = gateway.pool.members[first]
+        await wait_until(lambda: len(holder.estimate.in_flight) > 0, timeout=20)  # the turn's job is on it
+        gateway.pool.add(second, WorkerKind.STT)  # the other one joins, and the holder dies mid-utterance
+        await wait_until(lambda: gateway.pool.members[second].estimate.healthy, timeout=20)
+        victim = wyoming_servers["processes"]["stt"] if killed == "wyoming" else native.process
+        victim.send_signal(signal.SIGKILL)
+        await speaking
+        final = await session.wait_event("transcript.final", timeout=60)
+        assert word_error_rate(question, final["text"]) <= 0.3, final
+        done = await session.wait_event("answer.done", timeout=60)
+        assert done["text"].strip() and not any(e["type"] == "error" for e in session.events), session.events
+        assert gateway.pool.members[second].estimate.jobs >= 1  # the other worker heard it
+    finally:
+        if session is not None:
+            await session.close()
+        await gateway.close()
+        if native.process.returncode is None:
+            native.process.kill()
+        await native.process.wait()

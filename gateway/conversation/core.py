@@ -104,6 +104,11 @@ STAGES = ("end_of_turn", "stt_final", "first_token", "first_clause", "first_tts_
 """The latency marks of a turn, in order (ms from the end of speech)."""
 
 
+PINNED_KINDS = (WorkerKind.LLM, WorkerKind.TTS, WorkerKind.VISION)
+"""Kinds whose model a conversation keeps once its first job chose one (the LLM's answers
+and cache, the voice). STT is not pinned: a transcript is a transcript, and an utterance
+may move between any two recognisers (an edgestream worker and a Wyoming server, say)."""
+
 VISION_WAIT_S = 3.0
 """How long an answer waits for the camera's text before it starts without it."""
 
@@ -648,7 +653,8 @@ class Conversation:
         work.ref = JobRef(work.kind, next(self._serials))
         work.attempts += 1
         self._live[work.ref] = work
-        self._out.append(cmd.StartJob(work.ref, work.params, work.placement, self.models.get(work.kind), frozenset(work.tried), work.trace))
+        pin = self.models.get(work.kind) if work.kind in PINNED_KINDS else None
+        self._out.append(cmd.StartJob(work.ref, work.params, work.placement, pin, frozenset(work.tried), work.trace))
         ref, owner = work.ref, work.owner
         if work.kind is WorkerKind.STT and isinstance(owner, _Turn):
             self._out.append(cmd.SendAudio(ref, failover.stt_replay(owner.audio)))
