@@ -1,5 +1,9 @@
 """Workers found on the LAN by mDNS (zeroconf): announced ones join the pool, and leave it.
 
+Two kinds of announcement: edgestream workers (``_edgestream._tcp``, with TXT
+saying what they serve) and Home Assistant's Wyoming servers (``_wyoming._tcp``,
+asked what they serve with ``describe``).
+
 An announcement is checked (``stream/announcement.py``) before the pool sees
 it: an unknown kind, a malformed hash, another protocol version or an
 unusable address is logged once and kept out. A worker whose hello does not
@@ -16,7 +20,8 @@ import logging
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from stream.announcement import SERVICE_TYPE, BadAnnouncement, parse
+from stream.announcement import SERVICE_TYPE, WYOMING_SERVICE_TYPE, BadAnnouncement, parse
+from stream.wyoming_client import WyomingClient
 
 from .worker_pool import WorkerPool
 
@@ -34,24 +39,31 @@ class Discovery:
         self.rejected: dict[str, str] = {}
         """Service name -> why it was kept out."""
         self._zeroconf: AsyncZeroconf | None = None
-        self._browser: AsyncServiceBrowser | None = None
+        self._browsers: list[AsyncServiceBrowser] = []
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._zeroconf = AsyncZeroconf(interfaces=self.interfaces or "all", ip_version=IPVersion.V4Only)
-        self._browser = AsyncServiceBrowser(self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
-        log.info("discovering workers by mDNS (%s) on %s", SERVICE_TYPE, ", ".join(self.interfaces or ["all interfaces"]))
+        for service_type in (SERVICE_TYPE, WYOMING_SERVICE_TYPE):
+            self._browsers.append(AsyncServiceBrowser(self._zeroconf.zeroconf, service_type, handlers=[self._on_change]))
+        where = ", ".join(self.interfaces or ["all interfaces"])
+        log.info("discovering workers by mDNS (%s, %s) on %s", SERVICE_TYPE, WYOMING_SERVICE_TYPE, where)
 
     async def close(self) -> None:
-        if self._browser is not None:
-            await self._browser.async_cancel()
+        for browser in self._browsers:
+            await browser.async_cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._zeroconf is not None:
             await self._zeroconf.async_close()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-        coroutine = self._removed(name) if state_change is ServiceStateChange.Removed else self._added(name)
+        if state_change is ServiceStateChange.Removed:
+            coroutine = self._removed(name)
+        elif service_type == WYOMING_SERVICE_TYPE:
+            coroutine = self._added_wyoming(name)
+        else:
+            coroutine = self._added(name)
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -78,6 +90,34 @@ class Discovery:
         self.urls[name] = found.url
         log.info("mDNS: %s worker %s at %s (%s)", found.kind.value, name, found.url, found.model_id)
         self.pool.add(found.url, found.kind, source="mdns", expect_model=(found.model_id, found.model_sha256))
+
+    async def _added_wyoming(self, name: str) -> None:
+        """A Wyoming server: its ``info`` says whether it is STT or TTS (it announces nothing else)."""
+        assert self._zeroconf is not None
+        info = AsyncServiceInfo(WYOMING_SERVICE_TYPE, name)
+        if not await info.async_request(self._zeroconf.zeroconf, RESOLVE_TIMEOUT_MS):
+            log.warning("mDNS: %s announced but could not be resolved", name)
+            return
+        if b"edgestream" in (info.properties or {}):
+            return  # an edgestream worker's Wyoming listener: the worker itself is announced as _edgestream._tcp
+        addresses = [a for a in info.parsed_addresses() if a != "0.0.0.0"]
+        if not addresses or not info.port:
+            # wyoming-faster-whisper --uri tcp://0.0.0.0:PORT --zeroconf announces 0.0.0.0.
+            log.warning("mDNS: %s kept out: it announces no usable address (start it with --uri tcp://ITS-ADDRESS:PORT)", name)
+            return
+        url = f"tcp://{addresses[0]}:{info.port}"
+        try:
+            probe = await WyomingClient.connect(url, None, RESOLVE_TIMEOUT_MS / 1000)
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("mDNS: Wyoming server %s at %s kept out: %s", name, url, exc)
+            return
+        kind = probe.kind
+        await probe.close()
+        if self.urls.get(name) == url:
+            return
+        self.urls[name] = url
+        log.info("mDNS: Wyoming %s server %s at %s (%s)", kind.value, name, url, probe.hello.model_id)
+        self.pool.add(url, kind, source="mdns")
 
     async def _removed(self, name: str) -> None:
         url = self.urls.pop(name, None)

