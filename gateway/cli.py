@@ -372,12 +372,15 @@ def bench_workers(
     kinds: Annotated[list[WorkerKind] | None, typer.Option("--kind", help="Kinds to measure (default: all).")] = None,
     runs: Annotated[int, typer.Option(help="Runs per measurement; medians are reported.")] = 5,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-workers.json"),
+    wyoming: Annotated[
+        list[str] | None, typer.Option("--wyoming", help="tcp://HOST:PORT of a Wyoming STT or TTS server to measure beside the native worker (repeat).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Each worker kind over a real WebSocket on loopback: STT RTF, LLM TTFT and tokens/s, TTS TTFA and RTF, OCR ms."""
+    """Each worker kind over a real WebSocket on loopback: STT RTF, LLM TTFT and tokens/s, TTS TTFA and RTF, OCR ms; Wyoming servers beside them."""
     from gateway.harness.worker_bench import run_worker_bench
 
-    asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config)))
+    asyncio.run(run_worker_bench(kinds or list(WorkerKind), runs, out, _config(config), wyoming))
 
 
 @bench_app.command("selection")

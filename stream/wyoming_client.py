@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -253,6 +254,11 @@ class WyomingJob:
             self._finish()
             return None
         return event
+
+    async def events(self) -> AsyncIterator[JobResult | MediaFrame]:
+        """Results and media frames until the job is done; :class:`JobFailed` if it fails."""
+        while (event := await self.next_event()) is not None:
+            yield event
 
     def fail(self, error: BaseException) -> None:
         if self._open:

@@ -409,3 +409,19 @@ async def test_a_zeroconf_browser_finds_the_worker_and_a_gateway_finds_a_wyoming
             await pool.close()
     finally:
         await lan.close()
+
+
+@pytest.mark.models
+async def test_the_worker_bench_measures_a_wyoming_server_beside_the_native_worker(wyoming_servers, tmp_path):
+    from gateway.harness.worker_bench import run_worker_bench
+    from stream.config import load_config
+
+    out = tmp_path / "bench.json"
+    results = await run_worker_bench([WorkerKind.STT, WorkerKind.TTS], 1, out, load_config(None), [wyoming_servers["stt"], wyoming_servers["tts"]])
+    assert json.loads(out.read_text()) == results
+    for kind in ("stt", "tts"):
+        (wyoming_figures,) = [f for f in results["wyoming"].values() if f["kind"] == kind]
+        native = results["kinds"][kind]
+        measured_at_client = {k for k, v in native.items() if k.endswith("_median") and k != "rtf_median"}
+        assert measured_at_client and all(isinstance(wyoming_figures[k], float) and wyoming_figures[k] > 0 for k in measured_at_client), wyoming_figures
+        assert wyoming_figures["rtf_median"] is None  # Wyoming reports no compute time: said, not made up

@@ -3,6 +3,14 @@
 Figures are medians over ``runs`` repetitions, measured at the client (what
 the gateway would see), with the worker's own compute time beside them. The
 first request of each kind is a warm-up and not counted.
+
+``--wyoming tcp://host:port`` (repeatable) measures a Wyoming STT or TTS
+server (wyoming-faster-whisper, wyoming-piper) in the same run, with the
+same requests, through the gateway's own adapter
+(``stream/wyoming_client.py``), and prints it beside the native worker of
+its kind. Wyoming reports no compute time: the figures compared are the
+ones measured at the client (final transcript after the end of speech;
+first audio, and audio seconds per wall second).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from stream.config import Config
 from stream.protocol import JobResult, MediaFormat, MediaFrame, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, LlmParams, TtsParams
 from stream.worker_client import WorkerClient
+from stream.wyoming_client import WyomingClient
 from workers.launch import load_engine
 from workers.server import WorkerServer
 
@@ -38,7 +47,7 @@ def _median(values: list[float]) -> float:
     return median(values, 4)
 
 
-async def _bench_stt(client: WorkerClient, runs: int, speech: list[np.ndarray]) -> dict[str, Any]:
+async def _bench_stt(client: WorkerClient | WyomingClient, runs: int, speech: list[np.ndarray]) -> dict[str, Any]:
     rtf, final_ms = [], []
     for run in range(runs + 1):
         for samples in speech:
@@ -52,8 +61,13 @@ async def _bench_stt(client: WorkerClient, runs: int, speech: list[np.ndarray]) 
                 pass
             if run:
                 final_ms.append((time.perf_counter() - ended) * 1000)
-                rtf.append(job.done.stats["compute_s"] / job.done.stats["audio_s"])
-    return {"rtf_median": _median(rtf), "final_after_end_ms_median": _median(final_ms), "utterance_s": [round(len(s) / STT_SAMPLE_RATE, 2) for s in speech]}
+                if job.done is not None and "compute_s" in job.done.stats:
+                    rtf.append(job.done.stats["compute_s"] / job.done.stats["audio_s"])
+    return {
+        "rtf_median": _median(rtf) if rtf else None,
+        "final_after_end_ms_median": _median(final_ms),
+        "utterance_s": [round(len(s) / STT_SAMPLE_RATE, 2) for s in speech],
+    }
 
 
 async def _bench_llm(client: WorkerClient, runs: int) -> dict[str, Any]:
@@ -77,20 +91,23 @@ async def _bench_llm(client: WorkerClient, runs: int) -> dict[str, Any]:
     return {"ttft_ms_median": _median(ttft), "tokens_per_s_median": _median(rate), "tokens_median": _median(tokens)}
 
 
-async def _bench_tts(client: WorkerClient, runs: int) -> dict[str, Any]:
-    first_audio, rtf = [], []
+async def _bench_tts(client: WorkerClient | WyomingClient, runs: int) -> dict[str, Any]:
+    first_audio, rtf, speed = [], [], []
     for run in range(runs + 1):
         job = await client.start_job(TtsParams(text=SPOKEN))
         started = time.perf_counter()
         await job.end()
-        first = None
+        first, audio_s = None, 0.0
         async for event in job.events():
             if isinstance(event, MediaFrame):
                 first = first or time.perf_counter()
+                audio_s += event.audio_seconds
         if run and first is not None:
             first_audio.append((first - started) * 1000)
-            rtf.append(job.done.stats["compute_s"] / job.done.stats["audio_s"])
-    return {"first_audio_ms_median": _median(first_audio), "rtf_median": _median(rtf)}
+            speed.append(audio_s / (time.perf_counter() - started))
+            if job.done is not None and "compute_s" in job.done.stats:
+                rtf.append(job.done.stats["compute_s"] / job.done.stats["audio_s"])
+    return {"first_audio_ms_median": _median(first_audio), "rtf_median": _median(rtf) if rtf else None, "audio_s_per_wall_s_median": _median(speed)}
 
 
 async def _bench_vision(client: WorkerClient, runs: int) -> dict[str, Any]:
@@ -114,8 +131,30 @@ async def _bench_vision(client: WorkerClient, runs: int) -> dict[str, Any]:
     return {"ms_per_frame_median": _median(round_trip), "compute_ms_median": _median(compute), "frame": "640x360 PNG"}
 
 
-async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config: Config) -> dict[str, Any]:
-    results: dict[str, Any] = {"benchmark": "workers", "runs": runs, "machine": machine(), "kinds": {}}
+async def _bench_wyoming(url: str, runs: int, speech: list[np.ndarray] | None) -> tuple[WorkerKind, dict[str, Any]]:
+    client = await WyomingClient.connect(url)
+    try:
+        if client.kind is WorkerKind.STT:
+            figures = await _bench_stt(client, runs, speech if speech is not None else speak_with_piper(*SENTENCES))
+        else:
+            figures = await _bench_tts(client, runs)
+    finally:
+        await client.close()
+    figures.update(model=client.hello.model_id, server=client.hello.software)
+    return client.kind, figures
+
+
+def _print_side_by_side(kind: str, native: dict[str, Any], wyoming: dict[str, Any]) -> None:
+    print(f"{kind:>6}  {'':<28} {'edgestream':>14} {'Wyoming':>14}")
+    for key in native:
+        if key in ("model", "threads", "utterance_s"):
+            continue
+        print(f"          {key:<28} {native[key]!s:>14} {wyoming.get(key)!s:>14}")
+    print(f"          edgestream: {native.get('model')}, {native.get('threads')} thread(s); Wyoming: {wyoming.get('server')}")
+
+
+async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config: Config, wyoming: list[str] | None = None) -> dict[str, Any]:
+    results: dict[str, Any] = {"benchmark": "workers", "runs": runs, "machine": machine(), "kinds": {}, "wyoming": {}}
     for kind in kinds:
         settings = config.workers.for_kind(kind)
         engine = load_engine(kind, settings)
@@ -142,6 +181,14 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
         for key, value in figures.items():
             if key not in ("model",):
                 print(f"          {key:<28} {value}")
+    for url in wyoming or []:
+        kind, figures = await _bench_wyoming(url, runs, None)
+        results["wyoming"][url] = {"kind": kind.value, **figures}
+        native = results["kinds"].get(kind.value)
+        if native is not None:
+            _print_side_by_side(kind.value, native, figures)
+        else:
+            print(f"{kind.value:>6}  Wyoming {url}: {figures}")
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
     return results
