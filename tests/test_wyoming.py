@@ -425,3 +425,37 @@ async def test_the_worker_bench_measures_a_wyoming_server_beside_the_native_work
         measured_at_client = {k for k, v in native.items() if k.endswith("_median") and k != "rtf_median"}
         assert measured_at_client and all(isinstance(wyoming_figures[k], float) and wyoming_figures[k] > 0 for k in measured_at_client), wyoming_figures
         assert wyoming_figures["rtf_median"] is None  # Wyoming reports no compute time: said, not made up
+
+
+@pytest.mark.models
+async def test_the_adapter_answers_a_flush_and_hears_the_whole_utterance_when_speech_goes_on(wyoming_worker, speak):
+    """Wyoming has no flush: the adapter ends the request at the pause, and a new one hears everything again."""
+    from stream.wyoming_client import WyomingClient
+
+    port = await wyoming_worker(WorkerKind.STT)
+    client = await WyomingClient.connect(f"tcp://127.0.0.1:{port}", WorkerKind.STT)
+    try:
+        assert client.hello.kind is WorkerKind.STT and client.hello.capacity == 1
+        assert await client.ping() > 0
+        first, second = speak("Remind me to buy milk"), speak("and eggs on the way home.")
+        job = await client.start_job({})
+        await job.send_audio(first)
+        await job.flush()
+        flushed = await next_transcript(job, lambda data: data["flushed"])
+        assert word_error_rate("Remind me to buy milk", flushed["text"]) <= 0.2, flushed
+        await job.send_audio(second)  # the person went on
+        await job.end()
+        final = await next_transcript(job, lambda data: data["final"])
+        assert word_error_rate("Remind me to buy milk and eggs on the way home.", final["text"]) <= 0.2, final
+        assert await job.next_event() is None and job.done is not None
+    finally:
+        await client.close()
+
+
+async def next_transcript(job, wanted) -> dict:
+    async with asyncio.timeout(30):
+        while True:
+            event = await job.next_event()
+            assert event is not None, "the job ended first"
+            if wanted(event.data):
+                return event.data

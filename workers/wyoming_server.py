@@ -50,6 +50,9 @@ from .server import WorkerServer
 log = logging.getLogger("edgestream.worker")
 
 READ_BYTES = 64 * 1024
+MAX_CONNECTIONS = 64
+"""Wyoming connections held at once; more are told ``busy`` and closed. Each holds at most
+one event being read (``stream/wyoming.py``: ~5 MB) and one job's queued inputs."""
 PROGRAM = "edgestream"
 
 
@@ -267,6 +270,13 @@ class WyomingListener:
         return self._tcp.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._sessions) >= MAX_CONNECTIONS:
+            log.warning("wyoming: %d connections held already; refusing another", MAX_CONNECTIONS)
+            with contextlib.suppress(ConnectionError):
+                writer.write(encode(Event("error", {"text": f"{MAX_CONNECTIONS} connections at most", "code": "busy"})))
+                await writer.drain()
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._sessions.add(task)
