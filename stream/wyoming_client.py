@@ -47,6 +47,9 @@ READ_BYTES = 64 * 1024
 JOB_EVENT_QUEUE = 256
 """Results queued per job: a TTS piece of 30 s comes as ~120 chunks."""
 CAPACITY = 1
+DESCRIBE_EVERY_S = 5.0
+"""How often a health check is a real ``describe`` round trip (wyoming-piper's ``info`` is
+~100 KB); in between it checks that the control connection is still open."""
 
 
 class _Connection:
@@ -126,6 +129,8 @@ class WyomingClient:
         self._jobs: set[WyomingJob] = set()
         self.voice: str | None = None
         """The TTS voice asked for in each ``synthesize`` (``None``: the server's default)."""
+        self._rtt: float | None = None
+        self._described_at = 0.0
 
     @classmethod
     async def connect(
@@ -172,7 +177,12 @@ class WyomingClient:
         return self._closed
 
     async def ping(self) -> float:
-        """A ``describe`` round trip on the control connection (reopened if the server closed it): its RTT."""
+        """The health check: a ``describe`` round trip on the control connection (reopened if the
+        server closed it) every ``DESCRIBE_EVERY_S``, its RTT; in between, the last RTT while the
+        connection is open (a server that dies closes it, and the next check fails)."""
+        if self._control is not None and self._rtt is not None and not self._control.reader.at_eof():
+            if time.monotonic() - self._described_at < DESCRIBE_EVERY_S:
+                return self._rtt
         started = time.monotonic()
         try:
             if self._control is None:
@@ -185,7 +195,9 @@ class WyomingClient:
             # One retry on a fresh connection: servers close idle connections after a request.
             self._control = await _Connection.open(self.host, self.port, self.open_timeout)
             await _describe(self._control)
-        return time.monotonic() - started
+        self._described_at = time.monotonic()
+        self._rtt = self._described_at - started
+        return self._rtt
 
     async def start_job(self, params: BaseModel | dict[str, Any], *, trace: str | None = None) -> WyomingJob:
         if self._closed:

@@ -56,6 +56,17 @@ def test_what_we_write_the_library_reads_and_back_in_any_split(batch, step):
     assert got == batch
 
 
+@given(st.lists(st.binary(max_size=200) | st.sampled_from([b"\n", b'{"type": "a", "data_length": 3}\n', b'{"type": "a", "payload_length": 2}\n']), max_size=20))
+def test_any_bytes_give_events_or_a_wyoming_error_and_nothing_else(pieces):
+    decoder = wyoming.Decoder()
+    try:
+        for piece in pieces:
+            for event in decoder.feed(piece):
+                assert isinstance(event, wyoming.Event) and isinstance(event.data, dict)
+    except wyoming.WyomingError:
+        pass
+
+
 def test_data_inside_the_header_line_and_after_it_are_merged():
     line = json.dumps({"type": "transcribe", "data": {"language": "en", "name": "a"}, "data_length": 13}).encode()
     (event,) = wyoming.Decoder().feed(line + b"\n" + b'{"name": "b"}')
