@@ -7,13 +7,15 @@ backoff (``gateway/restarts.py``), and while a worker is away the gateway's
 failover and its ``no_worker`` errors cover the gap. Every port is checked
 before anything starts (a clash is told at once, not after the models
 loaded); one ``ready:`` line says when the page can be opened. Each
-process's output is prefixed with its name; Ctrl-C (or SIGTERM) stops them all.
+process's output is prefixed with its name; Ctrl-C (or SIGTERM) stops them
+all, and if ``up`` itself is killed they get SIGTERM from the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 import ssl
 import sys
@@ -32,6 +34,7 @@ from .restarts import Restarts
 STOP_S = 15.0
 """How long a process may take to stop after SIGTERM before it is killed."""
 READY_POLL_S = 0.25
+PR_SET_PDEATHSIG = 1
 
 
 def say(line: str) -> None:
@@ -55,7 +58,7 @@ class Child:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
         )
         self.started_at = time.monotonic()
         assert self.process.stdout is not None
@@ -72,6 +75,13 @@ class Child:
             say(f"the {self.label} did not stop within {STOP_S:g} s; killing it")
             process.kill()
             await process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: get SIGTERM when ``up`` dies, even by SIGKILL (Linux), so that
+    no model process is left holding its port and memory. Elsewhere: nothing (a clean stop still stops them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _relay(name: str, stream: asyncio.StreamReader) -> None:

@@ -345,3 +345,31 @@ async def test_samples_are_made_here_and_the_sdk_asks_the_spoken_one(tmp_path: P
     said = re.search(r"^you said: (.*)$", out, re.M)
     assert said and word_error_rate("What is the capital of France?", said.group(1)) <= 0.34, out
     assert re.search(r"^answer: +\S", out, re.M) and re.search(r"^latency: +answer audio [\d.]+ ms", out, re.M), out
+
+
+async def test_killing_up_itself_stops_every_process_it_started(tmp_path: Path):
+    config = tmp_path / "box.toml"
+    config.write_text("".join(f"[workers.{kind.value}]\nport = {free_port()}\nthreads = 1\n" for kind in WorkerKind) + f"[gateway]\nport = {free_port()}\n")
+    process = await asyncio.create_subprocess_exec(*EDGESTREAM, "up", "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    pids = []
+    async with asyncio.timeout(30):
+        while len(pids) < len(WorkerKind) + 1:
+            line = (await process.stdout.readline()).decode()
+            assert line, "edgestream up ended early"
+            if match := re.search(r"^edgestream up: started the .* \(pid (\d+)\)", line):
+                pids.append(int(match.group(1)))
+    async with asyncio.timeout(120):  # loaded and quiet: a broken stdout pipe would not stop them now
+        while "ready in" not in (await process.stdout.readline()).decode():
+            pass
+    process.kill()  # no chance to clean up
+    await process.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    async with asyncio.timeout(30):
+        while any(alive(pid) for pid in pids):
+            await asyncio.sleep(0.2)
