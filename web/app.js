@@ -309,6 +309,7 @@ function render(event) {
 }
 
 function onError(event, view) {
+  if (event.code === "answer_truncated") return; // the answer itself says "(cut at the length limit)"
   if (event.code === "no_worker") {
     const kind = /no (\w+) worker/.exec(event.message)?.[1] ?? "worker";
     showError(`worker:${kind}`, explain(event));

@@ -20,7 +20,7 @@ from pathlib import Path
 from playwright.async_api import Page, async_playwright
 
 SIZES = {"desktop": {"width": 1200, "height": 850}, "phone": {"width": 390, "height": 844}}
-QUESTION = "What should I see first in Paris?"
+QUESTION = "What is the capital of France?"
 FLAGS = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--autoplay-policy=no-user-gesture-required"]
 
 
