@@ -68,11 +68,16 @@ class Discovery:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _added(self, name: str) -> None:
+    async def _resolve(self, service_type: str, name: str) -> AsyncServiceInfo | None:
         assert self._zeroconf is not None
-        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zeroconf.zeroconf, RESOLVE_TIMEOUT_MS):
             log.warning("mDNS: %s announced but could not be resolved", name)
+            return None
+        return info
+
+    async def _added(self, name: str) -> None:
+        if (info := await self._resolve(SERVICE_TYPE, name)) is None:
             return
         try:
             found = parse(name, info.properties, info.parsed_addresses(), info.port)
@@ -93,10 +98,7 @@ class Discovery:
 
     async def _added_wyoming(self, name: str) -> None:
         """A Wyoming server: its ``info`` says whether it is STT or TTS (it announces nothing else)."""
-        assert self._zeroconf is not None
-        info = AsyncServiceInfo(WYOMING_SERVICE_TYPE, name)
-        if not await info.async_request(self._zeroconf.zeroconf, RESOLVE_TIMEOUT_MS):
-            log.warning("mDNS: %s announced but could not be resolved", name)
+        if (info := await self._resolve(WYOMING_SERVICE_TYPE, name)) is None:
             return
         if b"edgestream" in (info.properties or {}):
             return  # an edgestream worker's Wyoming listener: the worker itself is announced as _edgestream._tcp

@@ -249,6 +249,8 @@ class WyomingJob:
         self._seq = 0
         self._open = True
         self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+        """Why the job failed, kept here too: a full queue cannot lose it."""
 
     @property
     def open(self) -> bool:
@@ -257,6 +259,8 @@ class WyomingJob:
     async def next_event(self) -> JobResult | MediaFrame | None:
         if self.done is not None:
             return None
+        if self._failure is not None and self._events.empty():
+            raise self._failure
         event = await self._events.get()
         if isinstance(event, BaseException):
             self._finish()
@@ -274,7 +278,8 @@ class WyomingJob:
 
     def fail(self, error: BaseException) -> None:
         if self._open:
-            self._put_nowait(error)
+            self._failure = error
+            self._put_nowait(error)  # wakes a reader waiting on an empty queue
             self._stop()
 
     async def cancel(self) -> None:
