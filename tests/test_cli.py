@@ -373,3 +373,12 @@ async def test_killing_up_itself_stops_every_process_it_started(tmp_path: Path):
     async with asyncio.timeout(30):
         while any(alive(pid) for pid in pids):
             await asyncio.sleep(0.2)
+
+
+async def test_wyoming_is_loopback_only_unless_opened_and_only_for_stt_and_tts():
+    code, out, err = await run_split(*EDGESTREAM, "worker", "stt", "--port", "0", "--wyoming", "0.0.0.0:10300", timeout=60)
+    assert code == 2 and "Wyoming has no authentication" in one_error_line(code, out, err) and "--wyoming-open" in err
+    code, out, err = await run_split(*EDGESTREAM, "worker", "llm", "--port", "0", "--wyoming", "127.0.0.1:10300", timeout=60)
+    assert code == 2 and "only stt and tts workers speak Wyoming" in one_error_line(code, out, err)
+    code, out, err = await run_split(*EDGESTREAM, "worker", "tts", "--port", "0", "--wyoming", "nowhere", timeout=60)
+    assert code == 2 and "--wyoming" in one_error_line(code, out, err) and "HOST:PORT" in err
