@@ -2,7 +2,7 @@
 
 Every name carries a per-run suffix and everything is removed in :meth:`Lan.close`,
 so a crashed run cannot break the next. Addresses come from 198.18.0.0/15, the
-range set aside for network benchmarks. See ``shared/multihost-testing.md``.
+range set aside for network benchmarks. mDNS crosses the bridge; netem is not needed (delay is made by gateway/harness/delay_relay.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Chromium is the microphone (a WAV file of a spoken question) and the camera
 (its fake device), talks WebRTC to an in-process gateway with the real
-workers, and plays the answer. Flags and workarounds: shared/browser-testing.md.
+workers, and plays the answer. The flags below make it work headless, as root, on a box with no camera.
 Screenshots go to ``$EDGESTREAM_ARTIFACTS`` (default ``test-artifacts/``).
 """
 
