@@ -26,7 +26,6 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from stream import wyoming
 from stream.protocol import WorkerKind
 from tests.conftest import word_error_rate
-from workers.wyoming_server import WyomingListener
 
 # -- the codec ------------------------------------------------------------------------------
 
@@ -96,18 +95,28 @@ def test_a_broken_or_oversized_event_is_refused_and_the_decoder_stays_broken(dat
 
 
 @pytest.fixture
-async def wyoming_worker(start_worker):
-    listeners = []
+async def wyoming_worker(tmp_path):
+    """``edgestream worker KIND --wyoming 127.0.0.1:PORT``, as an operator starts it: its Wyoming port."""
+    import sys
+
+    from gateway.harness.figures import free_port
+
+    processes = []
 
     async def start(kind: WorkerKind) -> int:
-        server, _ = await start_worker(kind, capacity=1)
-        listener = WyomingListener(server)
-        listeners.append(listener)
-        return await listener.start("127.0.0.1", 0)
+        port = free_port()
+        argv = [sys.executable, "-m", "gateway", "worker", kind.value, "--port", "0", "--threads", "1", "--capacity", "1", "--wyoming", f"127.0.0.1:{port}"]
+        process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=open(tmp_path / f"{kind.value}.log", "wb"))
+        processes.append(process)
+        async with asyncio.timeout(120):
+            while f"Wyoming (Home Assistant) on tcp://127.0.0.1:{port}".encode() not in (line := await process.stdout.readline()):
+                assert line, (tmp_path / f"{kind.value}.log").read_text()
+        return port
 
     yield start
-    for listener in listeners:
-        await listener.close()
+    for process in processes:
+        process.terminate()
+        await process.wait()
 
 
 async def read_until(client: AsyncTcpClient, done: str, timeout: float = 60) -> list[LibraryEvent]:
