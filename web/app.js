@@ -54,7 +54,10 @@ const demo = { states: [], gatewayUrl };
 
 function setState(state, text = STATUS_TEXT[state]) {
   const status = $("status");
-  if (status.dataset.state !== state) demo.states.push(state);
+  if (status.dataset.state !== state) {
+    demo.states.push(state);
+    if (demo.states.length > 200) demo.states.splice(0, 100); // the recent ones are what tests and debugging read
+  }
   status.dataset.state = state;
   status.textContent = text;
   const live = session !== null && !["idle", "connecting", "reconnecting", "error"].includes(state);
