@@ -57,11 +57,11 @@ def parse(data: str | bytes) -> Ask | Interrupt:
     """The message in ``data``; raises :class:`BadMessage` (never anything else)."""
     if isinstance(data, bytes):
         raise BadMessage("malformed_message", "the events channel takes text messages (JSON), not binary ones")
-    if len(data) > MAX_MESSAGE_BYTES:
+    if len(data) > MAX_MESSAGE_BYTES or len(data.encode("utf-8", "replace")) > MAX_MESSAGE_BYTES:
         raise BadMessage("message_too_large", f"a message on the events channel may be {MAX_MESSAGE_BYTES} bytes at most")
     try:
         raw = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested thousands deep
         raise BadMessage("malformed_message", "not JSON") from None
     if not isinstance(raw, dict):
         raise BadMessage("malformed_message", "a message is a JSON object with a 'type'")

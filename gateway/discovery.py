@@ -108,17 +108,27 @@ class Discovery:
             log.warning("mDNS: %s kept out: it announces no usable address (start it with --uri tcp://ITS-ADDRESS:PORT)", name)
             return
         url = f"tcp://{addresses[0]}:{info.port}"
+        if self.pool.key is not None:
+            # Wyoming cannot prove the worker key: a gateway that asks its workers for one takes only
+            # the Wyoming servers its config names, not any host of the LAN that announces one.
+            if self.rejected.get(name) != "key":
+                log.warning("mDNS: Wyoming server %s at %s kept out: this gateway authenticates its workers; name it in [gateway.workers] to use it", name, url)
+            self.rejected[name] = "key"
+            return
         try:
             probe = await WyomingClient.connect(url, None, RESOLVE_TIMEOUT_MS / 1000)
-        except (OSError, TimeoutError, ValueError) as exc:
+            kind, model_id = probe.kind, probe.hello.model_id
+            await probe.close()
+        except Exception as exc:  # unreachable, or an info this cannot read: a stranger's bad record must not break discovery
             log.warning("mDNS: Wyoming server %s at %s kept out: %s", name, url, exc)
             return
-        kind = probe.kind
-        await probe.close()
-        if self.urls.get(name) == url:
+        previous = self.urls.get(name)
+        if previous == url:
             return
+        if previous is not None:
+            await self.pool.remove(previous)
         self.urls[name] = url
-        log.info("mDNS: Wyoming %s server %s at %s (%s)", kind.value, name, url, probe.hello.model_id)
+        log.info("mDNS: Wyoming %s server %s at %s (%s)", kind.value, name, url, model_id)
         self.pool.add(url, kind, source="mdns")
 
     async def _removed(self, name: str) -> None:

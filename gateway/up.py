@@ -35,6 +35,9 @@ STOP_S = 15.0
 """How long a process may take to stop after SIGTERM before it is killed."""
 READY_POLL_S = 0.25
 PR_SET_PDEATHSIG = 1
+RELAY_DRAIN_S = 2.0
+"""How long the last lines of a process that exited are waited for."""
+RESTART_RETRY_S = 10.0
 
 
 def say(line: str) -> None:
@@ -111,6 +114,15 @@ def check_ports(config: Config) -> None:
         check_can_listen(settings.host, settings.port, f"the {kind.value} worker")
 
 
+def _loopback_probe_context() -> ssl.SSLContext:
+    """TLS for asking our own child on loopback whether it is ready: its certificate names the
+    LAN's host names, not 127.0.0.1, and who answers on our own loopback port is not in doubt."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 async def _announce_ready(config: Config) -> None:
     """Print one ``ready:`` line once the gateway has a worker of every kind it needs."""
     gateway = config.gateway
@@ -119,8 +131,7 @@ async def _announce_ready(config: Config) -> None:
     started = time.monotonic()
     while True:
         with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
-            context = ssl.create_default_context(cafile=config.security.tls_ca) if scheme == "https" and config.security.tls_ca else None
-            status, _ = await get(f"{url}/readyz", timeout=2.0, ssl_context=context)
+            status, _ = await get(f"{url}/readyz", timeout=2.0, ssl_context=_loopback_probe_context() if scheme == "https" else None)
             if status == 200:
                 say(f"ready in {time.monotonic() - started:.0f} s: open {url}/ in a browser (Ctrl-C stops everything)")
                 return
@@ -172,7 +183,12 @@ async def _supervise(kids: list[Child], stopper: asyncio.Task[None]) -> int:
         for task in done:
             if task in restarts:
                 child = restarts.pop(task)
-                await child.start()
+                try:
+                    await child.start()
+                except OSError as exc:  # no memory, no such executable any more: try again later
+                    say(f"the {child.label} could not be started again: {exc}; trying again in {RESTART_RETRY_S:g} s")
+                    restarts[asyncio.create_task(asyncio.sleep(RESTART_RETRY_S))] = child
+                    continue
                 assert child.process is not None
                 say(f"the {child.label} started again (pid {child.process.pid}, restart {child.restarts.restarts})")
                 watch(child)
@@ -180,7 +196,9 @@ async def _supervise(kids: list[Child], stopper: asyncio.Task[None]) -> int:
             child = exits.pop(task)
             status = task.result()
             if child.relay is not None:
-                await asyncio.gather(child.relay, return_exceptions=True)  # its last lines first
+                # Its last lines first; but a grandchild that kept its stdout open must not stall the supervisor.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(child.relay), RELAY_DRAIN_S)
             delay = child.restarts.after_exit(status, time.monotonic() - child.started_at)
             if delay is None:
                 say(f"the {child.label} exited with {status}; not restarting it: {child.restarts.why_not(status)}")

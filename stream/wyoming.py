@@ -102,7 +102,7 @@ class Decoder:
         if self._data_length:
             try:
                 extra = json.loads(self._buffer[: self._data_length])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested thousands deep
                 raise WyomingError("its data is not JSON") from None
             if not isinstance(extra, dict):
                 raise WyomingError("its data is not a JSON object")
@@ -116,7 +116,7 @@ class Decoder:
 def _header(line: bytes) -> dict[str, Any]:
     try:
         header = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise WyomingError("a header line that is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str) or not header["type"]:
         raise WyomingError("a header without a 'type'")

@@ -193,8 +193,12 @@ class WyomingClient:
                 self._control.close()
             self._control = None
             # One retry on a fresh connection: servers close idle connections after a request.
-            self._control = await _Connection.open(self.host, self.port, self.open_timeout)
-            await _describe(self._control)
+            control = await _Connection.open(self.host, self.port, self.open_timeout)
+            if self._closed:  # aborted meanwhile: the new connection is not kept
+                control.close()
+                raise ConnectionLost() from None
+            self._control = control
+            await _describe(control)
         self._described_at = time.monotonic()
         self._rtt = self._described_at - started
         return self._rtt
@@ -357,11 +361,14 @@ class WyomingSttJob(WyomingJob):
         self._audio_since_flush = True
         self._readers: dict[_Connection, asyncio.Task[None]] = {}
         """Each open request's reader (a flushed request's runs until its transcript)."""
+        self._resampler: Resampler | None = None
 
     async def send_audio(self, samples: np.ndarray, sample_rate: int = STT_SAMPLE_RATE) -> None:
         pcm = np.asarray(samples, np.int16)
         if sample_rate != STT_SAMPLE_RATE:
-            pcm = Resampler(sample_rate, STT_SAMPLE_RATE).push(pcm)
+            if self._resampler is None or self._resampler.from_rate != sample_rate:
+                self._resampler = Resampler(sample_rate, STT_SAMPLE_RATE)  # one per job: its filter state carries on
+            pcm = self._resampler.push(pcm)
         if not len(pcm):
             return
         self._audio.append(pcm)
@@ -406,12 +413,13 @@ class WyomingSttJob(WyomingJob):
         self._request = None
         await self._send(request, Event("audio-stop"))  # its reader delivers the transcript
 
-    @staticmethod
-    async def _send(request: _Connection, *events: Event) -> None:
+    async def _send(self, request: _Connection, *events: Event) -> None:
         try:
             await request.send(*events)
-        except (OSError, ConnectionError) as exc:
-            raise ConnectionLost(f"the Wyoming server went away: {exc}") from None
+        except OSError as exc:
+            lost = ConnectionLost(f"the Wyoming server went away: {exc}")
+            self.fail(lost)  # the job's reader hears it at once, not at the deadline
+            raise lost from None
 
     async def _read(self, request: _Connection) -> None:
         try:
@@ -422,6 +430,9 @@ class WyomingSttJob(WyomingJob):
                     raise JobFailed(ErrorCode.INTERNAL, f"Wyoming server: {event.data.get('text', 'error')}")
         except JobFailed as exc:  # ConnectionLost too: the job moves, and its audio is replayed elsewhere
             self.fail(exc)
+            return
+        except OSError as exc:  # a reset connection
+            self.fail(ConnectionLost(f"the Wyoming server went away: {exc}"))
             return
         finally:
             request.close()

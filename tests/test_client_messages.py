@@ -29,6 +29,8 @@ def test_a_typed_question_and_an_interrupt_are_understood():
         ('{"type": "interrupt", "now": true}', "malformed_message"),
         (json.dumps({"type": "ask", "text": "x" * (MAX_QUESTION_CHARS + 1)}), "question_too_long"),
         (json.dumps({"type": "ask", "text": "x" * MAX_MESSAGE_BYTES}), "message_too_large"),
+        ("[" * 5000, "malformed_message"),  # nested deeper than the JSON parser recurses
+        ("é" * (MAX_MESSAGE_BYTES // 2 + 1), "message_too_large"),  # counted in bytes, not characters
     ],
 )
 def test_anything_else_is_refused_with_a_code_and_a_sentence(data, code):

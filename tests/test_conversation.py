@@ -498,6 +498,24 @@ def test_a_speculative_answer_that_fails_is_told_after_its_transcript_and_only_i
     assert cmd.CountTurn("failed") in out
 
 
+def test_a_speculative_answer_whose_tts_failed_is_still_told_in_text_once_the_turn_ends():
+    talk = Talk()
+    talk.speak()
+    talk.pause()
+    talk(Transcript(talk.start(STT), "What time is it", flushed=True))
+    talk.start(LLM)
+    talk.tokens(" It", " is", " noon", " now.")
+    talk(JobFinished(talk.job(LLM)))  # the last piece is cut: its TTS job opens
+    talk(JobFailed(talk.job(TTS), NO_WORKER, "no tts worker is available"))
+    assert not talk.events(ErrorEvent, talk.new())  # all of it held: the turn may not be over
+    talk.end()
+    out = talk.new()
+    assert [type(e) for e in talk.events(TranscriptFinal, out)] == [TranscriptFinal]
+    assert [e.code for e in talk.events(ErrorEvent, out)] == [NO_WORKER]
+    assert [e.text for e in talk.events(AnswerDone, out)] == [" It is noon now."]  # the answer, as text
+    assert cmd.CancelJob(talk.job(STT)) in out  # and the turn's STT job is let go
+
+
 # -- typed questions and interrupt --------------------------------------------------------
 
 

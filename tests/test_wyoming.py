@@ -81,6 +81,7 @@ def test_data_inside_the_header_line_and_after_it_are_merged():
         (b'{"type": "a", "payload_length": 99999999}\n', "over the limit"),
         (b'{"type": "a", "data_length": -1}\n', "not a length"),
         (b'{"type": "a", "data_length": 2}\n[]', "not a JSON object"),
+        (b"[" * 5000 + b"\n", "not JSON"),
     ],
 )
 def test_a_broken_or_oversized_event_is_refused_and_the_decoder_stays_broken(data, problem):
@@ -206,6 +207,17 @@ async def test_a_broken_wyoming_event_gets_an_error_and_the_connection_closes(wy
     (event,) = wyoming.Decoder().feed(data)
     assert event.type == "error" and "over the limit" in event.data["text"]
     writer.close()
+    # A bad audio-start is refused with an error, and takes no place of the worker's capacity (1).
+    for bad in ({"rate": "fast", "width": 2, "channels": 1}, {"rate": 16000, "width": 4, "channels": 1}):
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(LibraryEvent("audio-start", bad))
+            error = (await read_until(client, "error"))[-1]
+            assert error.data["code"] == "bad_format", error
+    async with AsyncTcpClient("127.0.0.1", port) as client:
+        await client.write_event(AudioStart(rate=16000, width=2, channels=1).event())
+        await client.write_event(AudioChunk(rate=16000, width=2, channels=1, audio=bytes(32000)).event())
+        await client.write_event(AudioStop().event())
+        assert (await read_until(client, "transcript"))[-1].type == "transcript"  # the one slot is free
     # The listener goes on serving others.
     async with AsyncTcpClient("127.0.0.1", port) as client:
         await client.write_event(Describe().event())

@@ -44,6 +44,8 @@ let stopAnswerMeter = () => {};
 let sessionKey = "";
 /** How the next session.ready begins: after Start ("new"), or after a lost connection ("reconnected"). */
 let nextSessionWhy = "new";
+/** The typed question sent last, until its turn shows up (kept to give it back if it is refused). */
+let pendingQuestion = null;
 const turns = new Map();
 const latencies = [];
 let lastHealth = null;
@@ -245,6 +247,7 @@ function render(event) {
       setState("hearing");
       break;
     case "transcript.final":
+      if (event.text === pendingQuestion) pendingQuestion = null;
       view.you.textContent = event.text || "(nothing heard)";
       view.you.classList.remove("partial");
       if (event.text) {
@@ -311,8 +314,16 @@ function render(event) {
   if (view) scrollToLatest();
 }
 
+/** Refusals of a typed question: it was not asked, so the page goes back to listening and keeps the text. */
+const REFUSED_QUESTION = new Set(["still_listening", "malformed_message", "question_too_long", "message_too_large", "rate_limited"]);
+
 function onError(event, view) {
   if (event.code === "answer_truncated") return; // the answer itself says "(cut at the length limit)"
+  if (REFUSED_QUESTION.has(event.code) && pendingQuestion !== null) {
+    if (!$("question").value) $("question").value = pendingQuestion;
+    pendingQuestion = null;
+    if ($("status").dataset.state === "thinking") setState("listening");
+  }
   if (event.code === "no_worker") {
     const kind = /no (\w+) worker/.exec(event.message)?.[1] ?? "worker";
     showError(`worker:${kind}`, explain(event));
@@ -604,6 +615,7 @@ function ask(event) {
     showError("session", explain(err));
     return;
   }
+  pendingQuestion = text;
   $("question").value = "";
   setState("thinking");
 }
@@ -617,7 +629,13 @@ function holdToTalk(held) {
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);
 $("ask-form").addEventListener("submit", ask);
-$("interrupt").addEventListener("click", () => session?.isConnected && session.interrupt());
+$("interrupt").addEventListener("click", () => {
+  try {
+    session?.interrupt();
+  } catch (err) {
+    showError("session", explain(err)); // not connected now (reconnecting)
+  }
+});
 $("mute").addEventListener("click", () => {
   const muted = $("mute").getAttribute("aria-pressed") !== "true";
   $("mute").setAttribute("aria-pressed", String(muted));

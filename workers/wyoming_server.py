@@ -75,6 +75,16 @@ def describe(server: WorkerServer) -> Event:
     return Event("info", {"tts": [program]})
 
 
+def _audio_format(data: dict[str, Any]) -> tuple[int, int] | None:
+    """(rate, channels) of an ``audio-start``, or ``None`` if it is not audio this takes."""
+    rate, width, channels = data.get("rate", STT_SAMPLE_RATE), data.get("width", 2), data.get("channels", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rate, width, channels)):
+        return None
+    if not 8000 <= rate <= 96000 or width != 2 or not 1 <= channels <= 8:
+        return None
+    return rate, channels
+
+
 class WyomingSession:
     """One Wyoming client connection: events in, one job at a time on the worker's engine."""
 
@@ -125,14 +135,18 @@ class WyomingSession:
         elif kind is WorkerKind.STT and event.type == "transcribe":
             self.language = str(event.data.get("language") or "en")[:8]
         elif kind is WorkerKind.STT and event.type == "audio-start":
+            audio_format = _audio_format(event.data)
+            if audio_format is None:
+                await self._send(Event("error", {"text": "audio-start needs 16-bit audio: rate 8000-96000, width 2, channels 1-8", "code": "bad_format"}))
+                return
             try:
                 params = SttParams(language=self.language)
             except ValueError:
                 await self._send(Event("error", {"text": f"not a language code: {self.language!r}", "code": "bad_params"}))
                 return
+            self._audio_format = audio_format
+            self._resampler = Resampler(audio_format[0], STT_SAMPLE_RATE) if audio_format[0] != STT_SAMPLE_RATE else None
             await self._start(params)
-            self._audio_format = (int(event.data.get("rate", STT_SAMPLE_RATE)), int(event.data.get("channels", 1)))
-            self._resampler = Resampler(self._audio_format[0], STT_SAMPLE_RATE) if self._audio_format[0] != STT_SAMPLE_RATE else None
         elif kind is WorkerKind.STT and event.type == "audio-chunk":
             await self._feed_audio(event)
         elif kind is WorkerKind.STT and event.type == "audio-stop":
@@ -171,7 +185,10 @@ class WyomingSession:
         self._sent_text = ""
         self._transcript_started = False
         self._audio_started = False
-        self.task = asyncio.create_task(self._run(self.job), name=f"wyoming-{self.server.kind.value}-{self.peer}")
+        job = self.job
+        self.task = asyncio.create_task(self._run(job), name=f"wyoming-{self.server.kind.value}-{self.peer}")
+        # A task cancelled before it ever ran never enters run_job: its admitted place is given back here.
+        self.task.add_done_callback(lambda _: self.server.unqueue(job))
 
     async def _run(self, job: Job) -> None:
         try:
@@ -198,8 +215,8 @@ class WyomingSession:
             await self.job.inputs.put(item)
 
     async def _feed_audio(self, event: Event) -> None:
-        if self.job is None or int(event.data.get("width", 2)) != 2:
-            return
+        if self.job is None or event.data.get("width", 2) != 2:
+            return  # audio-start said the format; a chunk that says otherwise is not ours to guess
         pcm = np.frombuffer(event.payload[: len(event.payload) // 2 * 2], "<i2")
         channels = self._audio_format[1]
         if channels > 1:

@@ -378,7 +378,7 @@ class Conversation:
             turn.marks.clear()
         turn.ended = True
         turn.mark("end_of_turn", self._now)
-        if turn.failed:
+        if turn.failed and turn.answer is None:  # nothing was heard (its STT failed): nothing to answer
             return
         if turn.transcript is not None:
             self._stt_done(turn)
