@@ -206,7 +206,9 @@ def probe(
 
     if url is None:
         settings = _config(config).workers.for_kind(kind)
-        url = f"ws://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+        from stream.config import connect_address
+
+        url = f"ws://{connect_address(settings.host)}:{settings.port}"
     sys.exit(asyncio.run(run_probe(kind, input, url, out)))
 
 

@@ -28,7 +28,7 @@ MAX_QUESTION_CHARS = 1000
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
 class Ask(_Message):
@@ -57,7 +57,7 @@ def parse(data: str | bytes) -> Ask | Interrupt:
     """The message in ``data``; raises :class:`BadMessage` (never anything else)."""
     if isinstance(data, bytes):
         raise BadMessage("malformed_message", "the events channel takes text messages (JSON), not binary ones")
-    if len(data) > MAX_MESSAGE_BYTES or len(data.encode("utf-8", "replace")) > MAX_MESSAGE_BYTES:
+    if len(data.encode("utf-8", "replace")) > MAX_MESSAGE_BYTES:
         raise BadMessage("message_too_large", f"a message on the events channel may be {MAX_MESSAGE_BYTES} bytes at most")
     try:
         raw = json.loads(data)
@@ -67,17 +67,13 @@ def parse(data: str | bytes) -> Ask | Interrupt:
         raise BadMessage("malformed_message", "a message is a JSON object with a 'type'")
     if raw.get("type") not in ("ask", "interrupt"):
         raise BadMessage("unknown_message", f"unknown message type {raw.get('type')!r}: a client may send 'ask' or 'interrupt'")
-    text = raw.get("text")
-    if raw["type"] == "ask" and isinstance(text, str):
-        text = text.strip()
-        if not text:
-            raise BadMessage("malformed_message", "'ask' needs a question in 'text'")
-        if len(text) > MAX_QUESTION_CHARS:
-            raise BadMessage("question_too_long", f"a typed question may be {MAX_QUESTION_CHARS} characters at most")
-        raw = {**raw, "text": text}
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
+        if first["type"] == "string_too_long":
+            raise BadMessage("question_too_long", f"a typed question may be {MAX_QUESTION_CHARS} characters at most") from None
+        if first["type"] == "string_too_short":
+            raise BadMessage("malformed_message", "'ask' needs a question in 'text'") from None
         where = ".".join(str(part) for part in first["loc"][1:]) or "message"
         raise BadMessage("malformed_message", f"{raw['type']}: {where}: {first['msg']}") from None

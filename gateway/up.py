@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.config import Config
+from stream.config import Config, connect_address
 from stream.http import get
 from stream.ports import PortInUse, check_can_listen
 from stream.protocol import WorkerKind
@@ -93,10 +93,6 @@ async def _relay(name: str, stream: asyncio.StreamReader) -> None:
         sys.stdout.flush()
 
 
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
 def children(config: Config, config_path: Path | None) -> list[Child]:
     base = [sys.executable, "-m", "gateway"]
     config_args = ["--config", str(config_path)] if config_path is not None else []
@@ -127,7 +123,7 @@ async def _announce_ready(config: Config) -> None:
     """Print one ``ready:`` line once the gateway has a worker of every kind it needs."""
     gateway = config.gateway
     scheme = "https" if config.security.tls_cert else "http"
-    url = f"{scheme}://{_connect_host(gateway.host)}:{gateway.port}"
+    url = f"{scheme}://{connect_address(gateway.host)}:{gateway.port}"
     started = time.monotonic()
     while True:
         with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):

@@ -12,6 +12,14 @@ import av
 import numpy as np
 
 
+def pcm16_mono(data: bytes, channels: int = 1) -> np.ndarray:
+    """Interleaved little-endian 16-bit PCM as mono int16: channels averaged, a trailing partial frame dropped."""
+    pcm = np.frombuffer(data[: len(data) // (2 * channels) * 2 * channels], "<i2")
+    if channels > 1:
+        pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
+    return pcm.astype(np.int16, copy=False)
+
+
 class AudioFileError(ValueError):
     """A sound file that cannot be read (missing, not audio, no audio stream): one sentence saying which and why."""
 
@@ -29,11 +37,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         with wave.open(str(path), "rb") as wav:
             if wav.getsampwidth() == 2:
-                channels, rate = wav.getnchannels(), wav.getframerate()
-                samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-                if channels > 1:
-                    samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
-                return samples.astype(np.int16, copy=False), rate
+                return pcm16_mono(wav.readframes(wav.getnframes()), wav.getnchannels()), wav.getframerate()
     except (wave.Error, EOFError):
         pass  # not plain PCM WAV: FFmpeg may still read it
     return _decode_with_av(path)

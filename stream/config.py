@@ -212,6 +212,11 @@ class ExposureError(ValueError):
     """A server (gateway or worker) would listen beyond this box with nothing to keep strangers out."""
 
 
+def connect_address(host: str) -> str:
+    """Where this box reaches a server bound to ``host``: loopback for a wildcard address."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) can only be reached from this box."""
     if host == "localhost":
@@ -250,8 +255,7 @@ class Config(_Section):
                 continue
             else:
                 settings = self.workers.for_kind(kind)
-                host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-                urls[kind] = [f"{scheme}://{host}:{settings.port}"]
+                urls[kind] = [f"{scheme}://{connect_address(settings.host)}:{settings.port}"]
         return urls
 
 

@@ -27,6 +27,7 @@ Wyoming cannot do, and what the adapter does instead:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import time
@@ -37,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from pydantic import BaseModel
 
-from .audio import Resampler
+from .audio import Resampler, pcm16_mono
 from .protocol import ErrorCode, Hello, JobDone, JobResult, MediaFormat, MediaFrame, WorkerKind
 from .protocol.jobs import STT_SAMPLE_RATE, SttParams, SttResult, TtsParams, TtsResult
 from .worker_client import ConnectionLost, JobFailed
@@ -59,7 +60,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.decoder = Decoder()
-        self.pending: list[Event] = []
+        self.pending: collections.deque[Event] = collections.deque()
 
     @classmethod
     async def open(cls, host: str, port: int, timeout: float) -> _Connection:
@@ -79,10 +80,10 @@ class _Connection:
             if not data:
                 raise ConnectionLost("the Wyoming server closed the connection")
             try:
-                self.pending += self.decoder.feed(data)
+                self.pending.extend(self.decoder.feed(data))
             except WyomingError as exc:
                 raise ConnectionLost(f"the Wyoming server broke the framing: {exc}") from None
-        return self.pending.pop(0)
+        return self.pending.popleft()
 
     def close(self) -> None:
         self.writer.close()
@@ -498,9 +499,7 @@ class WyomingTtsJob(WyomingJob):
                     rate, width, channels = int(event.data.get("rate", rate)), int(event.data.get("width", 2)), int(event.data.get("channels", 1))
                     if width != 2:
                         raise JobFailed(ErrorCode.BAD_FORMAT, f"the Wyoming server sent {8 * width}-bit audio")
-                    pcm = np.frombuffer(event.payload[: len(event.payload) // 2 * 2], "<i2")
-                    if channels > 1:
-                        pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1).astype("<i2")
+                    pcm = pcm16_mono(event.payload, channels)
                     seconds += len(pcm) / rate
                     await self._put(MediaFrame(1, self._seq, MediaFormat.PCM_S16LE, pcm.tobytes(), 1, rate))
                 elif event.type == "error":

@@ -197,9 +197,17 @@ function turnView(number) {
   return turns.get(key);
 }
 
+let scrollPending = false;
+
+/** Keep the latest turn in view: once a frame at most, not once per streamed token. */
 function scrollToLatest() {
-  const list = $("turns");
-  list.scrollTop = list.scrollHeight;
+  if (scrollPending) return;
+  scrollPending = true;
+  requestAnimationFrame(() => {
+    scrollPending = false;
+    const list = $("turns");
+    list.scrollTop = list.scrollHeight;
+  });
 }
 
 /** A new session begins: a divider, and what was left unfinished in the last one says so. */

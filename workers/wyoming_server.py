@@ -37,9 +37,7 @@ import contextlib
 import logging
 from typing import Any
 
-import numpy as np
-
-from stream.audio import Resampler
+from stream.audio import Resampler, pcm16_mono
 from stream.protocol import MediaFormat, MediaFrame, WorkerKind
 from stream.protocol.jobs import STT_SAMPLE_RATE, SttParams, SttResult, TtsParams, TtsResult
 from stream.wyoming import Decoder, Event, WyomingError, encode
@@ -103,7 +101,8 @@ class WyomingSession:
         self._transcript_started = False
         self._audio_started = False
         self._resampler: Resampler | None = None
-        self._audio_format: tuple[int, int] = (STT_SAMPLE_RATE, 1)
+        self._channels = 1
+        """Of the audio since ``audio-start``."""
         self._serial = 0
 
     async def run(self) -> None:
@@ -144,8 +143,8 @@ class WyomingSession:
             except ValueError:
                 await self._send(Event("error", {"text": f"not a language code: {self.language!r}", "code": "bad_params"}))
                 return
-            self._audio_format = audio_format
-            self._resampler = Resampler(audio_format[0], STT_SAMPLE_RATE) if audio_format[0] != STT_SAMPLE_RATE else None
+            rate, self._channels = audio_format
+            self._resampler = Resampler(rate, STT_SAMPLE_RATE) if rate != STT_SAMPLE_RATE else None
             await self._start(params)
         elif kind is WorkerKind.STT and event.type == "audio-chunk":
             await self._feed_audio(event)
@@ -217,10 +216,7 @@ class WyomingSession:
     async def _feed_audio(self, event: Event) -> None:
         if self.job is None or event.data.get("width", 2) != 2:
             return  # audio-start said the format; a chunk that says otherwise is not ours to guess
-        pcm = np.frombuffer(event.payload[: len(event.payload) // 2 * 2], "<i2")
-        channels = self._audio_format[1]
-        if channels > 1:
-            pcm = pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1).astype(np.int16)
+        pcm = pcm16_mono(event.payload, self._channels)
         if self._resampler is not None:
             pcm = self._resampler.push(pcm)
         if len(pcm):

@@ -308,8 +308,8 @@ class Conversation:
 
     def _speech_started(self, event: SpeechStarted) -> None:
         carried = ""
-        if self.answer is not None and self.answer.confirmed and not self.answer.over:
-            carried = self._barge_in(self.answer)
+        if (answer := self._answer_under_way()) is not None:
+            carried = self._barge_in(answer)
         self.turns += 1
         turn = _Turn(self.turns, logs.turn_label(self.session_id, self.turns), earlier=carried)
         if self._unresolved is not None:
@@ -397,8 +397,8 @@ class Conversation:
             message = "a spoken question is still being heard; send the typed one once it is answered"
             self._out.append(cmd.Emit(ErrorEvent(code="still_listening", message=message)))
             return
-        if self.answer is not None and self.answer.confirmed and not self.answer.over:
-            self._barge_in(self.answer, explicit=True)
+        if (answer := self._answer_under_way()) is not None:
+            self._barge_in(answer, explicit=True)
         self.turns += 1
         turn = _Turn(self.turns, logs.turn_label(self.session_id, self.turns), transcript=event.text, speech_end=self._now, ended=True)
         turn.mark("end_of_turn", self._now)
@@ -408,11 +408,15 @@ class Conversation:
         self._transcribed(turn)
 
     def _interrupt(self, event: InterruptAnswer) -> None:
-        answer = self.answer
-        if answer is None or not answer.confirmed or answer.over:
+        if (answer := self._answer_under_way()) is None:
             log.info("interrupt: no answer is playing")
             return
         self._barge_in(answer, explicit=True)
+
+    def _answer_under_way(self) -> _Answer | None:
+        """The answer being generated or played for the person (not a speculative one), if any."""
+        answer = self.answer
+        return answer if answer is not None and answer.confirmed and not answer.over else None
 
     def _camera_frame(self, event: CameraFrame) -> None:
         params = VisionParams(describe=True)
