@@ -159,6 +159,7 @@ def gateway(
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     loopback_ice: Annotated[bool, typer.Option(help="Offer 127.0.0.1 as an ICE candidate (loopback-only machines).")] = False,
     discover: Annotated[bool | None, typer.Option("--discover/--no-discover", help="Use workers announced by mDNS.")] = None,
+    processes: Annotated[int | None, typer.Option(help=r"Gateway processes on the one port (0: one per core; \[gateway] processes).")] = None,
     log_format: LogFormatOption = None,
 ) -> None:
     """Start the gateway: WebRTC sessions, signaling on /session, the demo page on /."""
@@ -168,14 +169,16 @@ def gateway(
     from stream.tls import TlsError
 
     cfg = _with_log_format(_config(config), log_format)
-    overrides = dict(host=host, port=port, discover=discover, loopback_ice=True if loopback_ice else None)
+    overrides = dict(host=host, port=port, discover=discover, loopback_ice=True if loopback_ice else None, processes=processes)
     cfg = cfg.model_copy(update={"gateway": _overridden(cfg.gateway, overrides)})
     try:
-        run_gateway(cfg)
+        code = run_gateway(cfg)
     except (ExposureError, KeyFileError, TlsError, TokenFileError) as exc:
         raise fail(str(exc), 2) from None
     except OSError as exc:
         raise fail(f"cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror or exc}", 1) from None
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command(rich_help_panel=TRY)

@@ -1,4 +1,4 @@
-"""``edgestream gateway``: the gateway process, under uvloop."""
+"""``edgestream gateway``: the gateway, one process under uvloop, or several on one port (``gateway/processes.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ async def serve_gateway(config: Config) -> None:
     await gateway.close()
 
 
-def run_gateway(config: Config) -> None:
+def run_gateway(config: Config) -> int:
+    """Run the gateway until a signal; its exit status."""
     logs.configure(config.log.format, config.log.level)
-    run(serve_gateway(config))
+    count = config.gateway.process_count()
+    if count == 1:
+        run(serve_gateway(config))
+        return 0
+    from .processes import run_processes
+
+    return run(run_processes(config, count))

@@ -35,24 +35,30 @@ import contextlib
 import json
 import logging
 import mimetypes
+import os
+import uuid
 from collections.abc import Callable
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 
 import websockets
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from stream import keys, logs, tls
-from stream.config import ExposureError, GatewaySettings, SecuritySettings, is_loopback
+from stream.config import GatewaySettings, SecuritySettings, check_gateway_exposure
 from stream.http import get_and_head_only, json_response, metrics_response, readiness_response, response
 from stream.memory import IdleTrim
 from stream.protocol import WorkerKind
 
+from .aggregate import merge_health, merge_metrics, missing_for_ready
+from .ledger import Refusal, SessionLedger
 from .limits import ClientRates, PendingConnections, TokenBucket
 from .metrics import GatewayMetrics
+from .process_link import FleetMember
 from .selection import POLICIES
 from .session import BadOffer, Session
 from .tokens import TokenChecker
@@ -121,8 +127,24 @@ def _front_door(refused: Callable[[str], bool]) -> type[ServerConnection]:
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, worker_urls: dict[WorkerKind, list[str]], security: SecuritySettings = SecuritySettings()) -> None:
+    """The gateway, or one process of a gateway of several (``fleet``: its link to the supervisor, ``gateway/processes.py``).
+
+    Sessions are admitted by a :class:`~gateway.ledger.SessionLedger`: this
+    process's own, or the supervisor's through ``fleet``, so that the
+    session limits are the whole gateway's. ``/healthz``, ``/readyz`` and
+    ``/metrics`` answer for the whole gateway either way.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        worker_urls: dict[WorkerKind, list[str]],
+        security: SecuritySettings = SecuritySettings(),
+        fleet: FleetMember | None = None,
+    ) -> None:
         self.settings = settings
+        self.fleet = fleet
+        self.ledger = SessionLedger(settings.max_sessions, settings.max_sessions_per_client) if fleet is None else None
         self.metrics = GatewayMetrics()
         self.tokens = TokenChecker(security.client_tokens_file) if security.client_tokens_file else None
         self.ssl_context = tls.server_context(security.tls_cert, security.tls_key) if security.tls_cert else None
@@ -155,13 +177,10 @@ class Gateway:
 
             allow_loopback_ice()
 
-    async def start(self, host: str | None = None, port: int | None = None) -> int:
+    async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
+        """Listen (``reuse_port``: beside this gateway's other processes, on one port); the port."""
         host = host or self.settings.host
-        if self.tokens is None and not is_loopback(host):
-            raise ExposureError(
-                f"listening on {host} lets anyone on the network in: set [security] client_tokens_file "
-                "(create tokens with `edgestream token create NAME`), or listen on 127.0.0.1"
-            )
+        check_gateway_exposure(host, self.tokens is not None)
         self.pool.start()
         if self.settings.discover:
             from .discovery import Discovery
@@ -176,6 +195,7 @@ class Gateway:
             create_connection=_front_door(self._aborts),
             max_size=MAX_SIGNALING_BYTES,
             ssl=self.ssl_context,
+            reuse_port=reuse_port,
         )
         if self.tokens is not None:
             self._token_watch = asyncio.create_task(self._watch_tokens(), name="token file")
@@ -203,24 +223,24 @@ class Gateway:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
         if path == "/session":
             return self._admit_signaling(connection)  # None: the WebSocket handshake goes on
         if path == "/metrics":
-            return metrics_response(self.metrics.registry)
+            if self.fleet is None:
+                return metrics_response(self.metrics.registry)
+            reports, _ = await self.fleet.gather("metrics")
+            text = merge_metrics({int(report["process"]): report["text"] for report in reports}, per_process="per_process" in query)
+            return response(HTTPStatus.OK, text, CONTENT_TYPE_LATEST)
         if path in ("/healthz", "/readyz"):
-            workers = {kind.value: self.pool.available(kind) for kind in WorkerKind}
+            if self.fleet is None:
+                health = merge_health([self.report("health")], 1)
+            else:
+                health = merge_health(*await self.fleet.gather("health"))
             if path == "/healthz":
-                states = {kind.value: self.pool.state(kind) for kind in WorkerKind}
-                required = [kind.value for kind in self.settings.required_kinds]
-                return json_response(
-                    {"ok": True, "sessions": len(self.sessions), "workers": workers, "states": states, "required": required, "pool": self.pool.snapshot()}
-                )
-            missing = [kind.value for kind in self.settings.required_kinds if not workers[kind.value]]
-            if self._closing:
-                missing.append("shutting_down")
-            return readiness_response(missing, {"sessions": len(self.sessions), "workers": workers})
+                return json_response(health)
+            return readiness_response(missing_for_ready(health), {"sessions": health["sessions"], "workers": health["workers"]})
         path = ALIASES.get(path, path)
         try:
             file = (WEB_ROOT / (path.lstrip("/") or "index.html")).resolve()
@@ -231,6 +251,22 @@ class Gateway:
             return response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
         kind = CONTENT_TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         return response(HTTPStatus.OK, file.read_bytes(), kind)
+
+    def report(self, what: str) -> dict[str, object]:
+        """This process's part of the gateway's ``health`` or ``metrics`` (``gateway/aggregate.py`` merges them)."""
+        index = self.fleet.index if self.fleet is not None else 0
+        if what == "metrics":
+            return {"process": index, "text": generate_latest(self.metrics.registry).decode()}
+        return {
+            "process": index,
+            "pid": os.getpid(),
+            "sessions": len(self.sessions),
+            "workers": {kind.value: self.pool.available(kind) for kind in WorkerKind},
+            "states": {kind.value: self.pool.state(kind) for kind in WorkerKind},
+            "required": [kind.value for kind in self.settings.required_kinds],
+            "pool": self.pool.snapshot(),
+            "closing": self._closing,
+        }
 
     # -- signaling ---------------------------------------------------------------------
 
@@ -305,20 +341,42 @@ class Gateway:
         if not self._offer_rates.allow(client):
             await self._refuse(websocket, "rate_limited", self._over_rate(client), peer)
             return
-        if len(self.sessions) >= self.settings.max_sessions:
-            await self._refuse(websocket, "too_many_sessions", f"the gateway holds {self.settings.max_sessions} sessions at most", peer)
+        session_id = uuid.uuid4().hex[:12]
+        refusal = await self._claim(session_id, client)
+        if refusal is not None:
+            await self._refuse(websocket, refusal.code, refusal.message, peer)
             return
-        if sum(1 for s in self.sessions.values() if s.client == client) >= self.settings.max_sessions_per_client:
-            limit = self.settings.max_sessions_per_client
-            await self._refuse(websocket, "too_many_client_sessions", f"client {client} holds {limit} sessions already (the most per client)", peer)
-            return
-        session = Session(self.pool, self.settings, self.metrics, client)
+        try:
+            await self._serve(websocket, Session(self.pool, self.settings, self.metrics, client, session_id), offer["sdp"], peer)
+        finally:
+            self._release(session_id)
+
+    async def _claim(self, session_id: str, client: str) -> Refusal | None:
+        """A place for a new session within the gateway's limits (every process's sessions count), or why not."""
+        if self.fleet is None:
+            assert self.ledger is not None
+            return self.ledger.claim(0, session_id, client)
+        try:
+            return await self.fleet.claim(session_id, client)
+        except (ConnectionError, TimeoutError) as exc:
+            log.error("the gateway's supervisor did not admit a session: %s", exc)
+            return Refusal("shutting_down", "this gateway process is shutting down")
+
+    def _release(self, session_id: str) -> None:
+        if self.fleet is None:
+            assert self.ledger is not None
+            self.ledger.release(session_id)
+        else:
+            self.fleet.release(session_id)
+
+    async def _serve(self, websocket: ServerConnection, session: Session, offer_sdp: str, peer: str) -> None:
+        """Answer the offer and keep the session while it lives."""
         logs.session_id.set(session.id)  # this task's log lines (and its children's) name the session
         self.sessions[session.id] = session
         self.metrics.sessions.inc()
         try:
             try:
-                answer = await session.accept(offer["sdp"])
+                answer = await session.accept(offer_sdp)
             except BadOffer as exc:
                 await self._refuse(websocket, "bad_offer", str(exc), peer)
                 return

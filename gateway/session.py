@@ -63,8 +63,8 @@ def check_offer(sdp: str, max_media_sections: int) -> None:
 
 
 class Session:
-    def __init__(self, pool: WorkerPool, settings: GatewaySettings, metrics: GatewayMetrics, client: str = "") -> None:
-        self.id = uuid.uuid4().hex[:12]
+    def __init__(self, pool: WorkerPool, settings: GatewaySettings, metrics: GatewayMetrics, client: str = "", session_id: str | None = None) -> None:
+        self.id = session_id or uuid.uuid4().hex[:12]
         self.client = client
         """Who opened it: a token's name, or an address (``max_sessions_per_client`` counts by it)."""
         self.end_reason: tuple[str, str] | None = None

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import signal
 import ssl
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.config import Config, connect_address
@@ -29,76 +26,21 @@ from stream.ports import PortInUse, check_can_listen
 from stream.protocol import WorkerKind
 from stream.running import until_signalled
 
-from .restarts import Restarts
+from .children import Child, stop_all, supervise
 
-STOP_S = 15.0
-"""How long a process may take to stop after SIGTERM before it is killed."""
 READY_POLL_S = 0.25
-PR_SET_PDEATHSIG = 1
-RELAY_DRAIN_S = 2.0
-"""How long the last lines of a process that exited are waited for."""
-RESTART_RETRY_S = 10.0
 
 
 def say(line: str) -> None:
     print(f"edgestream up: {line}", flush=True)
 
 
-@dataclass(eq=False)
-class Child:
-    """One supervised process: its command, the running process, and its exits."""
-
-    name: str
-    args: list[str]
-    process: asyncio.subprocess.Process | None = None
-    started_at: float = 0.0
-    restarts: Restarts = field(default_factory=Restarts)
-    relay: asyncio.Task[None] | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name if self.name == "gateway" else f"{self.name} worker"
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
-        )
-        self.started_at = time.monotonic()
-        assert self.process.stdout is not None
-        self.relay = asyncio.create_task(_relay(self.name, self.process.stdout))
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_S)
-        except TimeoutError:
-            say(f"the {self.label} did not stop within {STOP_S:g} s; killing it")
-            process.kill()
-            await process.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child, before it runs: get SIGTERM when ``up`` dies, even by SIGKILL (Linux), so that
-    no model process is left holding its port and memory. Elsewhere: nothing (a clean stop still stops them)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-async def _relay(name: str, stream: asyncio.StreamReader) -> None:
-    while line := await stream.readline():
-        sys.stdout.write(f"[{name:>7}] {line.decode(errors='replace')}")
-        sys.stdout.flush()
-
-
 def children(config: Config, config_path: Path | None) -> list[Child]:
     base = [sys.executable, "-m", "gateway"]
     config_args = ["--config", str(config_path)] if config_path is not None else []
     gateway = config.gateway
-    out = [Child("gateway", [*base, "gateway", *config_args, "--host", gateway.host, "--port", str(gateway.port)])]
-    out += [Child(kind.value, [*base, "worker", kind.value, *config_args]) for kind in WorkerKind]
+    out = [Child("gateway", [*base, "gateway", *config_args, "--host", gateway.host, "--port", str(gateway.port)], say=say)]
+    out += [Child(kind.value, [*base, "worker", kind.value, *config_args], label=f"{kind.value} worker", say=say) for kind in WorkerKind]
     return out
 
 
@@ -150,56 +92,9 @@ async def run_system(config: Config, config_path: Path | None) -> int:
     stopper = asyncio.create_task(until_signalled())
     code = 0
     try:
-        code = await _supervise(kids, stopper)
+        code = await supervise(kids, stopper, essential=lambda child: child.name == "gateway")
     finally:
         ready.cancel()
         stopper.cancel()
-        await asyncio.gather(*(child.stop() for child in kids), return_exceptions=True)
-        await asyncio.gather(*(child.relay for child in kids if child.relay is not None), return_exceptions=True)
+        await stop_all(kids)
     return code
-
-
-async def _supervise(kids: list[Child], stopper: asyncio.Task[None]) -> int:
-    """Restart what exits, until a signal (0) or the gateway cannot be kept running (1)."""
-    exits: dict[asyncio.Task[int], Child] = {}
-    restarts: dict[asyncio.Task[None], Child] = {}
-
-    def watch(child: Child) -> None:
-        assert child.process is not None
-        exits[asyncio.create_task(child.process.wait())] = child
-
-    for child in kids:
-        watch(child)
-    while True:
-        done, _ = await asyncio.wait([stopper, *exits, *restarts], return_when=asyncio.FIRST_COMPLETED)
-        if stopper in done:
-            for task in [*exits, *restarts]:
-                task.cancel()
-            return 0
-        for task in done:
-            if task in restarts:
-                child = restarts.pop(task)
-                try:
-                    await child.start()
-                except OSError as exc:  # no memory, no such executable any more: try again later
-                    say(f"the {child.label} could not be started again: {exc}; trying again in {RESTART_RETRY_S:g} s")
-                    restarts[asyncio.create_task(asyncio.sleep(RESTART_RETRY_S))] = child
-                    continue
-                assert child.process is not None
-                say(f"the {child.label} started again (pid {child.process.pid}, restart {child.restarts.restarts})")
-                watch(child)
-                continue
-            child = exits.pop(task)
-            status = task.result()
-            if child.relay is not None:
-                # Its last lines first; but a grandchild that kept its stdout open must not stall the supervisor.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(child.relay), RELAY_DRAIN_S)
-            delay = child.restarts.after_exit(status, time.monotonic() - child.started_at)
-            if delay is None:
-                say(f"the {child.label} exited with {status}; not restarting it: {child.restarts.why_not(status)}")
-                if child.name == "gateway":
-                    return 1
-                continue
-            say(f"the {child.label} exited with {status}; starting it again in {delay:.1f} s")
-            restarts[asyncio.create_task(asyncio.sleep(delay))] = child

@@ -8,6 +8,7 @@ greater than or equal to 1``), so an operator can fix it without reading code.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -123,6 +124,10 @@ class GatewaySettings(_Section):
     loopback_ice: StrictBool = False
     """Offer 127.0.0.1 as an ICE candidate: for tests on machines with only loopback."""
     ice_timeout_s: Annotated[float, Field(gt=0, le=120)] = 15.0
+    processes: Annotated[int, Field(ge=0, le=256)] = 0
+    """Gateway processes serving its one port, sessions spread over them (``gateway/processes.py``):
+    one core each; 0 is one per core this process may run on. Each holds its own worker links
+    and about 150 MB; the session limits below are the whole gateway's."""
     max_sessions: Annotated[int, Field(ge=1, le=10_000)] = 16
     max_sessions_per_client: Annotated[int, Field(ge=1, le=10_000)] = 4
     """Sessions one client may hold at once: per token, or per address where no token is needed."""
@@ -182,6 +187,15 @@ class GatewaySettings(_Section):
     required_kinds: list[WorkerKind] = [WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS]
     """Kinds without which ``/readyz`` says not ready (a turn needs them; vision only adds context)."""
 
+    def process_count(self) -> int:
+        """How many gateway processes ``processes`` means on this machine."""
+        if self.processes:
+            return self.processes
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
 
 class SecuritySettings(_Section):
     """Who may connect to what (README, "Security"). Paths are read at start."""
@@ -210,6 +224,15 @@ class SecuritySettings(_Section):
 
 class ExposureError(ValueError):
     """A server (gateway or worker) would listen beyond this box with nothing to keep strangers out."""
+
+
+def check_gateway_exposure(host: str, has_client_tokens: bool) -> None:
+    """Raise :class:`ExposureError` if a gateway on ``host`` would let anyone on the network in."""
+    if not has_client_tokens and not is_loopback(host):
+        raise ExposureError(
+            f"listening on {host} lets anyone on the network in: set [security] client_tokens_file "
+            "(create tokens with `edgestream token create NAME`), or listen on 127.0.0.1"
+        )
 
 
 def connect_address(host: str) -> str:

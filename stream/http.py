@@ -8,9 +8,10 @@ a WebSocket path goes on to the handshake, anything else gets one of these.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -25,17 +26,19 @@ def response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
     return Response(status.value, status.phrase, headers, body)
 
 
-ProcessRequest = Callable[[ServerConnection, Request], "Response | None"]
+ProcessRequest = Callable[[ServerConnection, Request], "Response | Awaitable[Response | None] | None"]
 
 
-def get_and_head_only(handler: ProcessRequest) -> ProcessRequest:
-    """``handler`` for GET; HEAD gets GET's answer without its body; any other method, and a
-    HEAD of a WebSocket path, gets 405 (the handshake is a GET)."""
+def get_and_head_only(handler: ProcessRequest) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
+    """``handler`` (a function or a coroutine function) for GET; HEAD gets GET's answer without
+    its body; any other method, and a HEAD of a WebSocket path, gets 405 (the handshake is a GET)."""
 
-    def process(connection: ServerConnection, request: Request) -> Response | None:
+    async def process(connection: ServerConnection, request: Request) -> Response | None:
         if request.method not in ("GET", "HEAD"):
             return _not_allowed()
         answer = handler(connection, request)
+        if inspect.isawaitable(answer):
+            answer = await answer
         if request.method == "HEAD":
             return _not_allowed() if answer is None else Response(answer.status_code, answer.reason_phrase, answer.headers, b"")
         return answer
@@ -71,7 +74,8 @@ async def get(url: str, timeout: float = 10.0, ssl_context: ssl.SSLContext | Non
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port or (443 if secure else 80), ssl=(ssl_context or True) if secure else None)
         try:
-            writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode())
             data = await reader.read()
         finally:
             writer.close()

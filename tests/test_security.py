@@ -12,10 +12,10 @@ import sys
 import pytest
 import websockets
 
-from gateway.server import ExposureError, Gateway
+from gateway.server import Gateway
 from gateway.tokens import TokenChecker, TokenFile, TokenFileError
 from stream import tls
-from stream.config import GatewaySettings, SecuritySettings
+from stream.config import ExposureError, GatewaySettings, SecuritySettings
 from stream.http import get
 from stream.keys import create_key_file
 from stream.protocol import WorkerKind
