@@ -408,14 +408,16 @@ def bench_gateway_load(
     window: Annotated[float, typer.Option(help="Seconds measured per level (after all sessions are up).")] = 15.0,
     repeats: Annotated[int, typer.Option(help="Runs per level; a level passes on the median run.")] = 1,
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-gateway-load.json"),
-    profile: Annotated[Path | None, typer.Option(help="Directory for py-spy profiles of the gateway, one per run (needs py-spy).")] = None,
+    profile: Annotated[Path | None, typer.Option(help="Directory for py-spy profiles of each gateway process, one per run (needs py-spy).")] = None,
+    processes: Annotated[str, typer.Option(help="Gateway process counts to run every level with, in order (the ratio is read off one run).")] = "1",
 ) -> None:
-    """N talking WebRTC sessions on one gateway (canned models): CPU, ingest lag p50/p99, lost frames; the largest N with p99 < 20 ms."""
+    """N talking WebRTC sessions on a gateway (canned models): CPU per process and session, ingest lag p50/p99, lost frames; the largest N passing."""
     from gateway.harness.load_bench import run_load_bench
 
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
-    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile))
+    counts = tuple(int(x) for x in processes.split(","))
+    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile, counts))
 
 
 @bench_app.command("overhead")

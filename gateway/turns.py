@@ -110,7 +110,7 @@ class TurnDetector:
         return events
 
     def _chunk(self, chunk: np.ndarray) -> list[TurnEvent]:
-        prob = self._vad.probability(chunk)
+        prob = self._vad.probability(chunk, may_gate=not self._speaking)  # in a turn, the model hears every chunk
         self._chunks += 1
         s = self.settings
         if not self._speaking:
