@@ -1,6 +1,6 @@
 """One WebRTC session: a peer connection, its tracks and data channel, and its conversation.
 
-Audio in: Opus decoded by aiortc -> mono, soxr to 16 kHz (``stream/audio.py``) -> turn
+Audio in: Opus decoded by aiortc -> PyAV's resampler to 16 kHz mono -> turn
 detector -> the conversation's runner (``gateway/runner.py``), which never
 makes this loop wait. Video in: only the latest frame is kept (a stale frame
 is worth nothing). Audio out: the answer track. Events out: the data channel.
@@ -21,7 +21,7 @@ from aiortc.exceptions import InvalidAccessError, InvalidStateError, OperationEr
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from stream import logs
-from stream.audio import ArrivalLag, Resampler, to_mono
+from stream.audio import ArrivalLag
 from stream.config import GatewaySettings
 from stream.protocol.jobs import STT_SAMPLE_RATE
 
@@ -164,7 +164,8 @@ class Session:
     # -- media -------------------------------------------------------------------
 
     async def _ingest_audio(self, track: MediaStreamTrack) -> None:
-        resampler: Resampler | None = None
+        # libswresample mixes down and converts in one call, and holds no audio back (stream/audio.py).
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=STT_SAMPLE_RATE)
         arrival = ArrivalLag()
         counts = self.metrics.ingest
         try:
@@ -174,13 +175,9 @@ class Session:
                 self._audio_at = time.monotonic()
                 lag, lost = arrival.arrived(frame.pts, frame.samples, frame.sample_rate, self._audio_at)
                 counts.frame(lag, lost)
-                if resampler is None or resampler.from_rate != frame.sample_rate:
-                    resampler = Resampler(frame.sample_rate, STT_SAMPLE_RATE)
-                # Packed s16 (aiortc's Opus decoder): one plane of interleaved channels, read in place
-                # (to_ndarray stacks planes: 4 us more a frame).
-                channels = len(frame.layout.channels)
-                mono = to_mono(np.frombuffer(frame.planes[0], np.int16)[: frame.samples * channels], channels)
-                self._hear(resampler.push(mono))
+                for out in resampler.resample(frame):
+                    # one plane of samples, read in place (to_ndarray stacks planes: 4 us more a frame)
+                    self._hear(np.frombuffer(out.planes[0], np.int16)[: out.samples])
         except MediaStreamError:
             pass
 

@@ -264,12 +264,21 @@ async def test_session_limit_is_a_clear_error(workers):
         await gateway.close()
 
 
-async def test_a_pause_inside_a_turn_does_not_cut_it(gateway, speak):
-    """Speech resumes after the speculative pause: the turn goes on, no audio is lost."""
-    session = await GatewaySession.connect(gateway.url, loopback_ice=True)
+async def test_a_pause_inside_a_turn_does_not_cut_it(workers, speak):
+    """Speech resumes after the speculative pause: the turn goes on, no audio is lost.
+
+    The pause is long enough for the speculative answer to be under way when
+    speech resumes (its transcript takes ~50-300 ms here, with the models in
+    this process), and short of the end of the turn.
+    """
+    _, urls = workers
+    gateway = Gateway(GatewaySettings(loopback_ice=True, port=0, ice_timeout_s=5, end_silence_ms=900), urls)
+    port = await gateway.start("127.0.0.1", 0)
+    await gateway.pool.wait_ready([WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS], timeout=10)
+    session = await GatewaySession.connect(f"ws://127.0.0.1:{port}/session", loopback_ice=True)
     try:
         first, second = trimmed(speak("Please turn on the kitchen lights")), trimmed(speak("and close the door."))
-        pause = np.zeros(int(16000 * 0.24), np.int16)  # past speculate_after_ms, short of end_silence_ms
+        pause = np.zeros(int(16000 * 0.6), np.int16)  # past speculate_after_ms, short of end_silence_ms
         await session.say(with_silence(np.concatenate([first, pause, second])), 16000)
         final = await session.wait_event("transcript.final", timeout=20, turn=1)
         assert "kitchen" in final["text"].lower() and "door" in final["text"].lower(), final
@@ -279,6 +288,7 @@ async def test_a_pause_inside_a_turn_does_not_cut_it(gateway, speak):
         assert gateway.sessions[session.session_id].runner.conversation.speculations_dropped >= 1  # the resume path ran
     finally:
         await session.close()
+        await gateway.close()
 
 
 async def test_camera_is_sampled_on_an_interval_when_configured(workers):
