@@ -137,16 +137,23 @@ OPUS_RATE = 48_000
 OPUS_FRAME = 960  # 20 ms
 
 
+OPUS_COMPLEXITY = 5
+"""libopus' encoder complexity (0-10) for answer audio. Measured on a 2-vCPU Xeon, a 20 ms
+frame of speech at 32 kbit/s: 419 us at libopus' default 10, 149 us at 5, 110 us at 3. At 10 one
+playing answer took 2% of a core; 5 is where VoIP on phones runs, and speech keeps its quality."""
+
+
 class OpusEncoder:
     """Mono 48 kHz int16, 20 ms at a time, to Opus packets (libopus through PyAV): one packet per frame."""
 
-    def __init__(self, bit_rate: int = 32_000) -> None:
+    def __init__(self, bit_rate: int = 32_000, complexity: int = OPUS_COMPLEXITY) -> None:
         self._codec = av.CodecContext.create("libopus", "w")
         self._codec.sample_rate = OPUS_RATE
         self._codec.layout = "mono"
         self._codec.format = "s16"
         self._codec.time_base = fractions.Fraction(1, OPUS_RATE)
         self._codec.bit_rate = bit_rate
+        self._codec.options = {"compression_level": str(complexity)}
         self._pts = 0
 
     def encode(self, samples: np.ndarray) -> list[bytes]:
