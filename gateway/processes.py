@@ -52,6 +52,7 @@ from stream.ports import check_can_listen
 from stream.running import run, until_signalled
 
 from .children import Child, stop_all, supervise
+from .launch import print_listening
 from .ledger import SessionLedger
 from .process_link import MAX_LINE_BYTES, FleetMember, LinkClosed, Message, ProcessLink
 from .tokens import TokenChecker
@@ -194,7 +195,8 @@ async def run_processes(config: Config, count: int) -> int:
             if not await _all_listening(supervisor, kids, stopper):
                 code = next((c.process.returncode for c in kids if c.process and c.process.returncode), 1) or 1
                 return code
-            _print_listening(config, port, kids)
+            pids = ", ".join(str(child.process.pid) for child in kids if child.process is not None)
+            print_listening(config, port, f"{len(kids)} processes on one port (pids {pids}); sessions are spread over them")
             code = await supervise(kids, stopper, essential=lambda child: True)
         finally:
             stopper.cancel()
@@ -219,21 +221,6 @@ async def _all_listening(supervisor: Supervisor, kids: list[Child], stopper: asy
     if not done:
         say(f"the gateway processes did not all listen within {LISTENING_TIMEOUT_S:g} s")
     return False
-
-
-def _print_listening(config: Config, port: int, kids: list[Child]) -> None:
-    settings, security = config.gateway, config.security
-    web, ws = ("https", "wss") if security.tls_cert else ("http", "ws")
-    host = settings.host
-    pids = ", ".join(str(child.process.pid) for child in kids if child.process is not None)
-    print(f"edgestream gateway listening on {web}://{host}:{port}/ (signaling {ws}://{host}:{port}/session)", flush=True)
-    print(f"  {len(kids)} processes on one port (pids {pids}); sessions are spread over them", flush=True)
-    print(f"  clients: {'a token from ' + security.client_tokens_file if security.client_tokens_file else 'no token needed (loopback only)'}", flush=True)
-    print(f"  worker links: {'authenticated with ' + security.worker_key_file if security.worker_key_file else 'not authenticated'}", flush=True)
-    for kind, urls in config.worker_urls().items():
-        print(f"  {kind.value} workers: {', '.join(urls)}", flush=True)
-    if settings.discover:
-        print("  and workers announced by mDNS (_edgestream._tcp)", flush=True)
 
 
 # -- one gateway process ---------------------------------------------------------------
