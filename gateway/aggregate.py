@@ -81,11 +81,37 @@ def merge_health(reports: list[dict[str, Any]], expected: int) -> dict[str, Any]
         "workers": {kind: all(r["workers"][kind] for r in reports) for kind in kinds},
         "states": {kind: max((r["states"][kind] for r in reports), key=STATE_ORDER.index) for kind in kinds},
         "required": reports[0]["required"] if reports else [],
-        "pool": reports[0]["pool"] if reports else [],
+        "pool": merge_pool([r["pool"] for r in reports]),
         "processes": [{"process": r["process"], "pid": r["pid"], "sessions": r["sessions"]} for r in reports],
         "processes_expected": expected,
         "closing": any(r.get("closing") for r in reports),
     }
+
+
+def merge_pool(pools: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The workers as the whole gateway sees them, from each process's ``pool`` rows.
+
+    Jobs in flight and jobs run add up (each process runs its own sessions' jobs);
+    a worker is healthy where every process sees it healthy (a session may land in
+    any); latency figures are the slowest any process measured.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for pool in pools:
+        for row in pool:
+            seen = merged.get(row["url"])
+            if seen is None:
+                merged[row["url"]] = {**row, "processes": 1}
+                continue
+            seen["processes"] += 1
+            seen["healthy"] = seen["healthy"] and row["healthy"]
+            seen["problem"] = seen["problem"] or row["problem"]
+            seen["in_flight"] += row["in_flight"]
+            seen["jobs"] += row["jobs"]
+            for figure in ("rtt_ms", "ms_per_unit"):
+                seen[figure] = max((v for v in (seen[figure], row[figure]) if v is not None), default=None)
+    for row in merged.values():  # a worker that some process has not found yet is not in every session's reach
+        row["healthy"] = row["healthy"] and row["processes"] == len(pools)
+    return list(merged.values())
 
 
 def missing_for_ready(health: dict[str, Any]) -> list[str]:

@@ -9,18 +9,23 @@ it: an unknown kind, a malformed hash, another protocol version or an
 unusable address is logged once and kept out. A worker whose hello does not
 match its announcement is kept out by the pool's link, which also backs off
 from an address that does not answer; a worker that flaps (announced,
-withdrawn, announced...) keeps its backoff across reappearances.
+withdrawn, announced...) keeps its backoff across reappearances. A Wyoming
+server is asked its ``info`` again with backoff until it answers
+(:data:`WYOMING_PROBE`): wyoming-faster-whisper announces itself before it
+listens, while its model still loads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from stream.announcement import SERVICE_TYPE, WYOMING_SERVICE_TYPE, BadAnnouncement, parse
+from stream.backoff import Backoff
 from stream.wyoming_client import WyomingClient
 
 from .worker_pool import WorkerPool
@@ -28,6 +33,8 @@ from .worker_pool import WorkerPool
 log = logging.getLogger("edgestream.gateway")
 
 RESOLVE_TIMEOUT_MS = 3000
+WYOMING_PROBE = Backoff(initial_s=0.5, max_s=5.0, max_attempts=14)
+"""How a Wyoming server that does not answer yet is asked again: for about a minute, then it is kept out."""
 
 
 class Discovery:
@@ -41,6 +48,8 @@ class Discovery:
         self._zeroconf: AsyncZeroconf | None = None
         self._browsers: list[AsyncServiceBrowser] = []
         self._tasks: set[asyncio.Task] = set()
+        self._probes: dict[str, asyncio.Task] = {}
+        """Service name -> the task asking that Wyoming server what it is, while it does not answer."""
 
     async def start(self) -> None:
         self._zeroconf = AsyncZeroconf(interfaces=self.interfaces or "all", ip_version=IPVersion.V4Only)
@@ -58,6 +67,8 @@ class Discovery:
             await self._zeroconf.async_close()
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if (probe := self._probes.pop(name, None)) is not None:
+            probe.cancel()  # withdrawn, or announced anew: the newest record is the one to ask
         if state_change is ServiceStateChange.Removed:
             coroutine = self._removed(name)
         elif service_type == WYOMING_SERVICE_TYPE:
@@ -65,6 +76,8 @@ class Discovery:
         else:
             coroutine = self._added(name)
         task = asyncio.get_running_loop().create_task(coroutine)
+        if service_type == WYOMING_SERVICE_TYPE and state_change is not ServiceStateChange.Removed:
+            self._probes[name] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -115,13 +128,21 @@ class Discovery:
                 log.warning("mDNS: Wyoming server %s at %s kept out: this gateway authenticates its workers; name it in [gateway.workers] to use it", name, url)
             self.rejected[name] = "key"
             return
-        try:
-            probe = await WyomingClient.connect(url, None, RESOLVE_TIMEOUT_MS / 1000)
-            kind, model_id = probe.kind, probe.hello.model_id
-            await probe.close()
-        except Exception as exc:  # unreachable, or an info this cannot read: a stranger's bad record must not break discovery
-            log.warning("mDNS: Wyoming server %s at %s kept out: %s", name, url, exc)
-            return
+        for attempt in itertools.count(1):
+            try:
+                probe = await WyomingClient.connect(url, None, RESOLVE_TIMEOUT_MS / 1000)
+                kind, model_id = probe.kind, probe.hello.model_id
+                await probe.close()
+                break
+            except Exception as exc:  # unreachable, or an info this cannot read: a stranger's bad record must not break discovery
+                if attempt >= (WYOMING_PROBE.max_attempts or 1):
+                    log.warning("mDNS: Wyoming server %s at %s kept out after %d tries: %s", name, url, attempt, exc)
+                    return
+                if attempt == 1:
+                    log.info("mDNS: Wyoming server %s at %s does not answer yet (%s); asking again", name, url, exc)
+                await asyncio.sleep(WYOMING_PROBE.delay(attempt))
+        if self._probes.get(name) is asyncio.current_task():
+            del self._probes[name]
         previous = self.urls.get(name)
         if previous == url:
             return

@@ -16,7 +16,9 @@ runs that many gateway processes instead, under a supervisor (this module):
   gateway) over a Unix socket link (``gateway/process_link.py``) in a
   directory only this user can open. Token revocation holds because every
   process follows the token file itself. Rate and pending-connection limits
-  (``offers_per_minute``, ``max_pending_signaling...``) are each process's.
+  (``offers_per_minute``, ``max_pending_signaling...``), checked where a
+  connection lands before any session exists, are shared out: each process
+  holds its part of them (``GatewaySettings.share_of``).
 - **One health, one metrics.** ``/healthz``, ``/readyz`` and ``/metrics``,
   asked of any process, gather every process's report through the supervisor
   and merge them (``gateway/aggregate.py``).
@@ -177,12 +179,13 @@ async def run_processes(config: Config, count: int) -> int:
     with tempfile.TemporaryDirectory(prefix="edgestream-gateway-") as directory:  # mode 700: only this user joins
         path = str(Path(directory) / "supervisor.sock")
         server = await asyncio.start_unix_server(supervisor.serve_link, path, limit=MAX_LINE_BYTES)
+        spec = {"config": config.model_dump(mode="json"), "processes": count, "link": path, "port": port}
         kids = [
             Child(
                 f"gw{index}",
                 [sys.executable, "-m", "gateway.processes"],
                 label=f"gateway process {index}",
-                env={**os.environ, PROCESS_ENV: json.dumps({"config": config.model_dump(mode="json"), "index": index, "link": path, "port": port})},
+                env={**os.environ, PROCESS_ENV: json.dumps({**spec, "index": index})},
                 say=say,
             )
             for index in range(count)
@@ -226,12 +229,12 @@ async def _all_listening(supervisor: Supervisor, kids: list[Child], stopper: asy
 # -- one gateway process ---------------------------------------------------------------
 
 
-async def serve_process(config: Config, index: int, link_path: str, port: int) -> int:
-    """One process of the gateway: listen beside the others, until SIGTERM or the supervisor is gone."""
+async def serve_process(config: Config, index: int, processes: int, link_path: str, port: int) -> int:
+    """Process ``index`` of ``processes`` in the gateway: listen beside the others, until SIGTERM or the supervisor is gone."""
     from .server import Gateway
 
     fleet = FleetMember(link_path, index)
-    gateway = Gateway(config.gateway, config.worker_urls(), config.security, fleet=fleet)
+    gateway = Gateway(config.gateway.share_of(processes), config.worker_urls(), config.security, fleet=fleet)
     await fleet.connect(gateway.report)
     await gateway.start(port=port, reuse_port=True)
     assert fleet.link is not None
@@ -255,7 +258,7 @@ def main() -> int:
     config = Config.model_validate(spec["config"])
     logs.configure(config.log.format, config.log.level)
     with contextlib.suppress(KeyboardInterrupt):
-        return run(serve_process(config, int(spec["index"]), spec["link"], int(spec["port"])))
+        return run(serve_process(config, int(spec["index"]), int(spec["processes"]), spec["link"], int(spec["port"])))
     return 0
 
 

@@ -187,6 +187,25 @@ class GatewaySettings(_Section):
     required_kinds: list[WorkerKind] = [WorkerKind.STT, WorkerKind.LLM, WorkerKind.TTS]
     """Kinds without which ``/readyz`` says not ready (a turn needs them; vision only adds context)."""
 
+    def share_of(self, processes: int) -> GatewaySettings:
+        """What one of ``processes`` gateway processes enforces of the per-connection limits.
+
+        ``max_pending_signaling`` (and per address) and ``offers_per_minute`` are checked
+        where the connection lands, before any session exists to ask the supervisor about:
+        each process holds its share (the limit divided by ``processes``, at least 1), so the
+        gateway as a whole holds no more than the limit. A client whose connections the
+        kernel happens to hash onto one process meets its share there first.
+        """
+        if processes <= 1:
+            return self
+        return self.model_copy(
+            update={
+                "max_pending_signaling": max(1, self.max_pending_signaling // processes),
+                "max_pending_signaling_per_address": max(1, self.max_pending_signaling_per_address // processes),
+                "offers_per_minute": self.offers_per_minute / processes,
+            }
+        )
+
     def process_count(self) -> int:
         """How many gateway processes ``processes`` means on this machine."""
         if self.processes:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.aggregate import merge_health, merge_metrics, missing_for_ready
+from gateway.aggregate import merge_health, merge_metrics, merge_pool, missing_for_ready
 from gateway.ledger import SessionLedger
+from stream.config import GatewaySettings
 
 
 def test_the_limits_count_every_owners_sessions():
@@ -111,3 +112,33 @@ def test_a_process_missing_or_closing_keeps_the_gateway_from_ready():
     health = merge_health([_health(0, 0, True, "ready"), _health(1, 0, True, "ready", closing=True)], expected=2)
     assert missing_for_ready(health) == ["shutting_down"]
     assert missing_for_ready(merge_health([_health(0, 0, True, "ready"), _health(1, 0, True, "starting")], expected=2)) == []
+
+
+def _worker(url: str, healthy: bool, in_flight: int, jobs: int, rtt_ms: float | None) -> dict:
+    return {"url": url, "worker_id": url, "healthy": healthy, "problem": None if healthy else "stalled",
+            "rtt_ms": rtt_ms, "ms_per_unit": None, "in_flight": in_flight, "jobs": jobs, "capacity": 2}  # fmt: skip
+
+
+def test_the_pool_of_the_gateway_adds_up_each_process_s_jobs():
+    """A job in flight in any process shows in /healthz, wherever the request landed."""
+    pool = merge_pool(
+        [
+            [_worker("ws://a", True, 0, 3, 1.0), _worker("ws://b", True, 0, 0, None)],
+            [_worker("ws://a", True, 1, 2, 4.0), _worker("ws://b", False, 0, 0, 2.0), _worker("ws://c", True, 0, 0, 1.0)],
+        ]
+    )
+    rows = {row["url"]: row for row in pool}
+    assert rows["ws://a"]["in_flight"] == 1 and rows["ws://a"]["jobs"] == 5 and rows["ws://a"]["rtt_ms"] == 4.0
+    assert rows["ws://a"]["healthy"] and rows["ws://a"]["processes"] == 2
+    assert not rows["ws://b"]["healthy"] and rows["ws://b"]["problem"] == "stalled" and rows["ws://b"]["rtt_ms"] == 2.0
+    assert not rows["ws://c"]["healthy"]  # only one process has found it: not every session can reach it
+    assert merge_pool([[_worker("ws://a", True, 2, 2, None)]])[0]["in_flight"] == 2
+
+
+def test_limits_checked_where_a_connection_lands_are_shared_out_over_the_processes():
+    settings = GatewaySettings(max_pending_signaling=64, max_pending_signaling_per_address=8, offers_per_minute=30)
+    share = settings.share_of(2)
+    assert (share.max_pending_signaling, share.max_pending_signaling_per_address, share.offers_per_minute) == (32, 4, 15)
+    assert share.max_sessions == settings.max_sessions  # the ledger holds those for the whole gateway
+    assert settings.share_of(1) is settings
+    assert GatewaySettings(max_pending_signaling_per_address=1).share_of(4).max_pending_signaling_per_address == 1
