@@ -41,6 +41,13 @@ async def test_transcribes_piper_speech_with_low_word_error_rate(start_worker, c
 
 
 async def test_partials_stream_while_audio_arrives(start_worker, connect, speak):
+    """Partial transcripts arrive while the microphone is still sending.
+
+    How many arrive depends on the box (a partial waits twice as long as the
+    last one took, see ``PARTIAL_DUTY``, unit-tested with a fake clock below),
+    so the test keeps the microphone open, sending quiet after the sentence,
+    until three partials have come, rather than counting partials per second.
+    """
     _, url = await start_worker(WorkerKind.STT)
     stt = await connect(url)
     sentence = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -49,6 +56,7 @@ async def test_partials_stream_while_audio_arrives(start_worker, connect, speak)
     partials_before_end: list[SttResult] = []
     results: list[SttResult] = []
     ended = asyncio.Event()
+    three_partials = asyncio.Event()
 
     async def collect() -> None:
         async for event in job.events():
@@ -57,19 +65,28 @@ async def test_partials_stream_while_audio_arrives(start_worker, connect, speak)
                 results.append(result)
                 if not ended.is_set():
                     partials_before_end.append(result)
+                    if len(partials_before_end) >= 3:
+                        three_partials.set()
 
     collector = asyncio.create_task(collect())
     step = STT_SAMPLE_RATE // 50  # 20 ms frames, paced like a live microphone
+    quiet = np.zeros(step, dtype=np.int16)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
     for start in range(0, len(samples), step):
         await job.send_audio(samples[start : start + step])
+        await asyncio.sleep(0.02)
+    while not three_partials.is_set():
+        assert loop.time() < deadline, [r.audio_s for r in results]
+        await job.send_audio(quiet)
         await asyncio.sleep(0.02)
     ended.set()
     await job.end()
     await asyncio.wait_for(collector, 30)
-    seconds = len(samples) / STT_SAMPLE_RATE
-    assert len(partials_before_end) >= int(seconds / 0.5) // 2, [r.audio_s for r in results]
     assert all(not r.final for r in partials_before_end)
-    assert [r.audio_s for r in partials_before_end] == sorted(r.audio_s for r in partials_before_end)
+    covered = [r.audio_s for r in partials_before_end]
+    assert covered == sorted(set(covered)), covered  # each covers more audio than the last
+    assert any(r.text.strip() for r in partials_before_end)
     assert results[-1].final and word_error_rate(sentence, results[-1].text) <= 0.25
     assert job.done is not None and job.done.reason == "complete"
 
