@@ -243,6 +243,28 @@ async def test_partials_back_off_when_decoding_is_slow():
     utterance.close()
 
 
+@pytest.mark.parametrize(
+    ("decoded", "kept"),
+    [
+        # tiny.en's own repeats, seen on the voice benchmark's questions
+        ("describe the ocean in a couple of sentences. Describe the ocean in a couple of sentences. Describe the", "describe the ocean in a couple of sentences."),
+        ("What are some fun things to do on a rainy day? What are some fun things to do on a rainy day", "What are some fun things to do on a rainy day?"),
+        ("can you explain your rainbow forms. Can you explain your rainbow forms? Can you explain your rainbow forms?", "can you explain your rainbow forms."),
+        # what people do say twice, or say alike
+        ("Thank you, thank you.", None),
+        ("No, no, no.", None),
+        ("Turn on the lights. Turn on the fan.", None),
+        ("Tell me, tell me a joke.", None),
+        ("What is the difference between weather and climate?", None),
+        ("", None),
+    ],
+)
+def test_a_transcript_that_says_the_utterance_again_is_cut_to_its_first_saying(decoded: str, kept: str | None):
+    from workers.stt import cut_repeat
+
+    assert cut_repeat(decoded) == ((kept, True) if kept is not None else (decoded, False))
+
+
 async def test_memory_a_long_utterance_took_goes_back_once_the_worker_is_idle(start_worker, connect, speak):
     """glibc keeps what the decode threads freed unless asked (``workers/memory.py``): RSS would stay at its peak."""
     import os

@@ -126,14 +126,17 @@ class Spoken:
     paused: bool
 
 
-def spoken_questions(config: Config) -> list[Spoken]:
-    """Every question in its voice (in rotation), with the pauses of :data:`PAUSED`."""
+def spoken_questions(config: Config, every_voice: bool = False) -> list[Spoken]:
+    """Every question in its voice (in rotation), with the pauses of :data:`PAUSED`;
+    or, with ``every_voice``, every question in each of the voices, without pauses."""
     out = []
     with piper_voice(config.workers.tts) as piper:
 
         def say(text: str, voice: Voice) -> np.ndarray:
             return trim_silence(piper(text) if voice.engine == "piper" else espeak(text, voice.name, voice.rate_wpm))
 
+        if every_voice:
+            return [Spoken(text, voice, say(text, voice), False) for voice in VOICES for text in QUESTIONS]
         for index, text in enumerate(QUESTIONS):
             voice = VOICES[index % len(VOICES)]
             if index in PAUSED:
@@ -373,15 +376,21 @@ def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
 
-def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: list[dict[str, Any]], turns: int) -> dict[str, Any]:
+def word_errors(reference: str, transcript: str) -> tuple[int, int]:
+    """(word errors, words said): substitutions, deletions and insertions against ``reference``, lower case, no punctuation."""
     import jiwer
 
+    said = " ".join(_words(reference))
+    errors = jiwer.process_words(said, " ".join(_words(transcript)) or "<empty>")
+    return errors.substitutions + errors.deletions + errors.insertions, len(said.split())
+
+
+def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: list[dict[str, Any]], turns: int) -> dict[str, Any]:
     number = latency["turn"]
     heard = [e for e in events if e["type"] == "transcript.final" and number - turns < e.get("turn", 0) <= number]
     transcript = " ".join(e["text"] for e in heard)
     answer = next((e["text"] for e in events if e["type"] == "answer.done" and e.get("turn") == number), "")
-    reference = " ".join(_words(question.text))
-    errors = jiwer.process_words(reference, " ".join(_words(transcript)) or "<empty>")
+    errors, words = word_errors(question.text, transcript)
     row = {
         "question": question.text,
         "voice": str(question.voice),
@@ -390,8 +399,8 @@ def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: 
         **{s: latency.get(s) for s in STAGES},
         "transcript": transcript,
         "turns_heard": turns,
-        "word_errors": errors.substitutions + errors.deletions + errors.insertions,
-        "words": len(reference.split()),
+        "word_errors": errors,
+        "words": words,
         "answer": answer,
         "workers": latency.get("workers", {}),
     }

@@ -4,6 +4,13 @@ Figures are medians over ``runs`` repetitions, measured at the client (what
 the gateway would see), with the worker's own compute time beside them. The
 first request of each kind is a warm-up and not counted.
 
+STT is measured twice: on three sentences in the embedded piper voice
+(its real-time factor, comparable from run to run), and on every question of
+the voice benchmark in each of its eight voices and accents once (final
+transcript after the end of speech at the median, p95 and worst, and the word
+error rate): a slow tail there is a decode that fell back to Whisper's full
+30 s window.
+
 ``--wyoming tcp://host:port`` (repeatable) measures a Wyoming STT or TTS
 server (wyoming-faster-whisper, wyoming-piper) in the same run, with the
 same requests, through the gateway's own adapter
@@ -33,6 +40,7 @@ from workers.server import WorkerServer
 
 from .figures import machine, median
 from .speech import speak_with_piper
+from .voice_bench import Spoken, spoken_questions, word_errors
 
 SENTENCES = [
     "Please turn on the kitchen lights.",
@@ -47,27 +55,47 @@ def _median(values: list[float]) -> float:
     return median(values, 4)
 
 
-async def _bench_stt(client: WorkerClient | WyomingClient, runs: int, speech: list[np.ndarray]) -> dict[str, Any]:
+async def _transcribe_timed(client: WorkerClient | WyomingClient, samples: np.ndarray) -> tuple[str, float, Any]:
+    """(final transcript, ms from the end of speech to it, the job's done stats) of one utterance, sent at once."""
+    job = await client.start_job({"partials": False})
+    step = STT_SAMPLE_RATE // 50
+    for start in range(0, len(samples), step):
+        await job.send_audio(samples[start : start + step])
+    ended = time.perf_counter()
+    await job.end()
+    text = ""
+    async for event in job.events():
+        if isinstance(event, JobResult) and event.data.get("final"):
+            text = event.data.get("text", "")
+    return text, (time.perf_counter() - ended) * 1000, job.done.stats if job.done is not None else {}
+
+
+async def _bench_stt(client: WorkerClient | WyomingClient, runs: int, speech: list[np.ndarray], voices: list[Spoken]) -> dict[str, Any]:
     rtf, final_ms = [], []
     for run in range(runs + 1):
         for samples in speech:
-            job = await client.start_job({"partials": False})
-            step = STT_SAMPLE_RATE // 50
-            for start in range(0, len(samples), step):
-                await job.send_audio(samples[start : start + step])
-            ended = time.perf_counter()
-            await job.end()
-            async for _ in job.events():
-                pass
+            _, ms, stats = await _transcribe_timed(client, samples)
             if run:
-                final_ms.append((time.perf_counter() - ended) * 1000)
-                if job.done is not None and "compute_s" in job.done.stats:
-                    rtf.append(job.done.stats["compute_s"] / job.done.stats["audio_s"])
+                final_ms.append(ms)
+                if "compute_s" in stats:
+                    rtf.append(stats["compute_s"] / stats["audio_s"])
+    voiced_ms, errors, words = [], 0, 0
+    for spoken in voices:
+        text, ms, _ = await _transcribe_timed(client, spoken.samples)
+        voiced_ms.append(ms)
+        wrong, said = word_errors(spoken.text, text)
+        errors, words = errors + wrong, words + said
     return {
         "rtf_median": _median(rtf) if rtf else None,
         "final_after_end_ms_median": _median(final_ms),
         "utterance_s": [round(len(s) / STT_SAMPLE_RATE, 2) for s in speech],
+        "voices_utterances": len(voices),
+        "voices_final_after_end_ms_median": _median(voiced_ms),
+        "voices_final_after_end_ms_p95": round(float(np.percentile(voiced_ms, 95)), 1),
+        "voices_final_after_end_ms_max": round(max(voiced_ms), 1),
+        "voices_wer": round(errors / words, 3),
     }
+
 
 
 async def _bench_llm(client: WorkerClient, runs: int) -> dict[str, Any]:
@@ -131,11 +159,11 @@ async def _bench_vision(client: WorkerClient, runs: int) -> dict[str, Any]:
     return {"ms_per_frame_median": _median(round_trip), "compute_ms_median": _median(compute), "frame": "640x360 PNG"}
 
 
-async def _bench_wyoming(url: str, runs: int, speech: list[np.ndarray] | None) -> tuple[WorkerKind, dict[str, Any]]:
+async def _bench_wyoming(url: str, runs: int, config: Config) -> tuple[WorkerKind, dict[str, Any]]:
     client = await WyomingClient.connect(url)
     try:
         if client.kind is WorkerKind.STT:
-            figures = await _bench_stt(client, runs, speech if speech is not None else speak_with_piper(*SENTENCES))
+            figures = await _bench_stt(client, runs, speak_with_piper(*SENTENCES), spoken_questions(config, every_voice=True))
         else:
             figures = await _bench_tts(client, runs)
     finally:
@@ -163,8 +191,7 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
         client = await WorkerClient.connect(f"ws://127.0.0.1:{port}", kind)
         try:
             if kind is WorkerKind.STT:
-                speech = speak_with_piper(*SENTENCES)
-                figures = await _bench_stt(client, runs, speech)
+                figures = await _bench_stt(client, runs, speak_with_piper(*SENTENCES), spoken_questions(config, every_voice=True))
             elif kind is WorkerKind.LLM:
                 figures = await _bench_llm(client, runs)
             elif kind is WorkerKind.TTS:
@@ -182,7 +209,7 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
             if key not in ("model",):
                 print(f"          {key:<28} {value}")
     for url in wyoming or []:
-        kind, figures = await _bench_wyoming(url, runs, None)
+        kind, figures = await _bench_wyoming(url, runs, config)
         results["wyoming"][url] = {"kind": kind.value, **figures}
         native = results["kinds"].get(kind.value)
         if native is not None:
