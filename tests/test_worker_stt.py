@@ -247,7 +247,10 @@ async def test_partials_back_off_when_decoding_is_slow():
     ("decoded", "kept"),
     [
         # tiny.en's own repeats, seen on the voice benchmark's questions
-        ("describe the ocean in a couple of sentences. Describe the ocean in a couple of sentences. Describe the", "describe the ocean in a couple of sentences."),
+        (
+            "describe the ocean in a couple of sentences. Describe the ocean in a couple of sentences. Describe the",
+            "describe the ocean in a couple of sentences.",
+        ),
         ("What are some fun things to do on a rainy day? What are some fun things to do on a rainy day", "What are some fun things to do on a rainy day?"),
         ("can you explain your rainbow forms. Can you explain your rainbow forms? Can you explain your rainbow forms?", "can you explain your rainbow forms."),
         # what people do say twice, or say alike

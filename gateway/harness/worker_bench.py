@@ -97,7 +97,6 @@ async def _bench_stt(client: WorkerClient | WyomingClient, runs: int, speech: li
     }
 
 
-
 async def _bench_llm(client: WorkerClient, runs: int) -> dict[str, Any]:
     ttft, rate, tokens = [], [], []
     for run in range(runs + 1):
