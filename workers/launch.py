@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from stream import keys, logs, tls
+from stream import keys, logs, memory, tls
 from stream.config import (
     ExposureError,
     LlmSettings,
@@ -199,4 +199,5 @@ def _wyoming_address(kind: WorkerKind, settings: WorkerSettings) -> tuple[str, i
 def run_worker(kind: WorkerKind, settings: WorkerSettings, log_settings: LogSettings = LogSettings(), security: SecuritySettings = SecuritySettings()) -> None:
     """The body of ``edgestream worker KIND``."""
     logs.configure(log_settings.format, log_settings.level)
+    memory.bound_heap()  # before the model and its threads (stream/memory.py)
     run(serve_worker(kind, settings, security))
