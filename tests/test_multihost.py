@@ -209,11 +209,13 @@ async def test_workers_found_by_mdns_near_idle_one_chosen_and_traffic_leaves_a_s
         for question in [*QUESTIONS, *QUESTIONS[:2]]:
             turn += 1
             before.append((await ask(session, speak, question, turn))["workers"]["stt"])
-        # While both are idle: the near one, but for at most one job on the far one while
-        # it is unmeasured (selection assumes a newcomer fast, so that it is measured soon;
-        # on a box where the near one's speech recognition takes longer than that prior
-        # plus the far one's extra round trip, that costs one job).
-        assert Counter(before)[system.worker_id("stt2")] <= 1 and before[-2:] == [system.worker_id("stt1")] * 2, before
+        # While both are idle: the near one in the end. On the way, the far one may get a
+        # job while it is unmeasured (selection assumes a newcomer fast, so that it is
+        # measured soon; on a box where the near one's speech recognition takes longer than
+        # that prior plus the far one's extra round trip, that costs one job), and one more
+        # when the near one's single measured job was slowed by a neighbour (the full suite
+        # on a 2-core box: once in ~4 runs); after that the round trip tells them apart.
+        assert Counter(before)[system.worker_id("stt2")] <= 2 and before[-2:] == [system.worker_id("stt1")] * 2, before
 
         # The near box becomes 4x slower: stopped 3/4 of the time.
         throttle = asyncio.create_task(duty_cycle(system.process["stt1"].pid, stopped_s=0.045, running_s=0.015))
