@@ -44,15 +44,15 @@ import os
 log = logging.getLogger("edgestream")
 
 
-def _malloc_trim():
+def _glibc(function: str):
+    """``function`` of the C library, or ``None`` where it has none (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)
+    except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc("malloc_trim")
 
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -69,9 +69,8 @@ def bound_heap(mmap_threshold: int = MMAP_THRESHOLD_BYTES, arena_max: int = AREN
     An operator's own ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_ARENA_MAX`` wins;
     on a C library without ``mallopt`` nothing happens.
     """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return []
     made = []
     for name, parameter, value in (("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, mmap_threshold), ("MALLOC_ARENA_MAX", M_ARENA_MAX, arena_max)):

@@ -158,11 +158,24 @@ async def _bench_vision(client: WorkerClient, runs: int) -> dict[str, Any]:
     return {"ms_per_frame_median": _median(round_trip), "compute_ms_median": _median(compute), "frame": "640x360 PNG"}
 
 
-async def _bench_wyoming(url: str, runs: int, config: Config) -> tuple[WorkerKind, dict[str, Any]]:
+class _SttSpeech:
+    """The STT benchmark's speech, made once for the native worker and every Wyoming server."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._made: tuple[list[np.ndarray], list[Spoken]] | None = None
+
+    def get(self) -> tuple[list[np.ndarray], list[Spoken]]:
+        if self._made is None:
+            self._made = speak_with_piper(*SENTENCES), spoken_questions(self.config, every_voice=True)
+        return self._made
+
+
+async def _bench_wyoming(url: str, runs: int, speech: _SttSpeech) -> tuple[WorkerKind, dict[str, Any]]:
     client = await WyomingClient.connect(url)
     try:
         if client.kind is WorkerKind.STT:
-            figures = await _bench_stt(client, runs, speak_with_piper(*SENTENCES), spoken_questions(config, every_voice=True))
+            figures = await _bench_stt(client, runs, *speech.get())
         else:
             figures = await _bench_tts(client, runs)
     finally:
@@ -182,6 +195,7 @@ def _print_side_by_side(kind: str, native: dict[str, Any], wyoming: dict[str, An
 
 async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config: Config, wyoming: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"benchmark": "workers", "runs": runs, "machine": machine(), "kinds": {}, "wyoming": {}}
+    speech = _SttSpeech(config)
     for kind in kinds:
         settings = config.workers.for_kind(kind)
         engine = load_engine(kind, settings)
@@ -190,7 +204,7 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
         client = await WorkerClient.connect(f"ws://127.0.0.1:{port}", kind)
         try:
             if kind is WorkerKind.STT:
-                figures = await _bench_stt(client, runs, speak_with_piper(*SENTENCES), spoken_questions(config, every_voice=True))
+                figures = await _bench_stt(client, runs, *speech.get())
             elif kind is WorkerKind.LLM:
                 figures = await _bench_llm(client, runs)
             elif kind is WorkerKind.TTS:
@@ -208,7 +222,7 @@ async def run_worker_bench(kinds: list[WorkerKind], runs: int, out: Path, config
             if key not in ("model",):
                 print(f"          {key:<28} {value}")
     for url in wyoming or []:
-        kind, figures = await _bench_wyoming(url, runs, config)
+        kind, figures = await _bench_wyoming(url, runs, speech)
         results["wyoming"][url] = {"kind": kind.value, **figures}
         native = results["kinds"].get(kind.value)
         if native is not None:
