@@ -93,6 +93,32 @@ async def test_one_huge_message_is_cut_not_fatal(start_worker, connect):
     assert job.done.stats["prompt_tokens"] > engine.n_ctx // 4
 
 
+async def test_an_instance_whose_prompt_filled_the_context_is_renewed(start_worker, connect):
+    """A cut prompt leaves llama.cpp's buffers resident (+130 MB at n_ctx 2048); the instance is replaced."""
+    engine = engine_for(WorkerKind.LLM, **SMALL_CONTEXT)
+    _, url = await start_worker(WorkerKind.LLM, capacity=1, engine=engine)
+    llm = await connect(url)
+    system_tokens = len(engine._prompt.tokens([engine.system], add_generation_prompt=False))
+
+    async def ask(content: str) -> dict:
+        job = await llm.start_job(LlmParams(messages=[{"role": "user", "content": content}], max_tokens=8))
+        await job.end()
+        [e async for e in job.events()]
+        assert job.done.reason == "complete"
+        return job.done.stats
+
+    await ask("Say hi.")
+    await wait_until(lambda: engine.idle_instances == 1, timeout=10)
+    before = engine._instances[0]
+    await ask("Name a fruit.")  # an ordinary prompt keeps its instance (and its cache)
+    await wait_until(lambda: engine.idle_instances == 1, timeout=10)
+    assert engine._instances[0] is before
+    assert (await ask("word " * 6000 + "Say hi."))["message_cut_tokens"] > 0
+    await wait_until(lambda: engine._instances[0] is not before and engine.idle_instances == 1, timeout=20)
+    # The fresh instance has the system prompt evaluated and answers.
+    assert (await ask("Name a color."))["prompt_tokens_reused"] >= system_tokens > 5
+
+
 def test_what_a_message_says_never_becomes_control_tokens():
     from stream.protocol.jobs import ChatMessage
 
