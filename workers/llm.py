@@ -300,7 +300,8 @@ class LlmEngine(Engine):
             _to_loop(loop, self._hand_back, llm, instance)
 
         renew = bool(dropped or cut)  # the prompt filled the context
-        thread = threading.Thread(target=self._generate, args=(llm, prompt, budget, params, job, put, release, renew), name=f"llm-job-{job.job_id}", daemon=True)
+        args = (llm, prompt, budget, params, job, put, release, renew)
+        thread = threading.Thread(target=self._generate, args=args, name=f"llm-job-{job.job_id}", daemon=True)
         started = time.perf_counter()
         self._start_thread(thread, llm)
         tokens = 0
