@@ -213,7 +213,55 @@ async def test_a_flush_never_waits_for_a_partial_and_outdates_it():
     partial.set_result(0.3)  # finishes after the flush, covering less audio: dropped
     await asyncio.wait_for(utterance._partial, 5)
     assert len(results) == 1
-    utterance.close()
+    await asyncio.wait_for(utterance.aclose(), 5)
+
+
+async def test_flushes_that_come_while_one_decodes_become_one():
+    """A monologue flushes at every short pause: one decode at a time, then one of all the audio by then."""
+    from workers.stt import _Utterance
+
+    engine = _Decodes()
+    job, results = _stt_job()
+    job.params = job.params.model_copy(update={"partials": False})
+    utterance = _Utterance(job, engine, job.params, clock=lambda: 0.0)
+    utterance.add(np.zeros(1600, np.int16))
+    utterance.flush()
+    lane, samples, first = await engine.next_start()
+    assert (lane, samples) == ("decode", 1600)
+    for _ in range(3):  # three more pauses while the first flush decodes
+        utterance.add(np.zeros(1600, np.int16))
+        utterance.flush()
+    first.set_result(0.5)
+    lane, samples, second = await engine.next_start()
+    assert (lane, samples) == ("decode", 4 * 1600)
+    final = asyncio.ensure_future(utterance.final())  # no audio after the last flush: its text is the final one
+    second.set_result(0.5)
+    assert await asyncio.wait_for(final, 5) == ("decode of 6400", 0.4)
+    assert [r.audio_s for r in results] == [0.1, 0.4, 0.4, 0.4]  # each flush answered, in order
+    assert len(engine.running) == 2
+    await asyncio.wait_for(utterance.aclose(), 5)
+
+
+async def test_a_job_that_ends_early_waits_for_its_running_decode_and_starts_no_other():
+    """A decode cannot be stopped: the job's slot (and the heap's trim) wait for it; nothing is sent after."""
+    from workers.stt import _Utterance
+
+    engine = _Decodes()
+    job, results = _stt_job()
+    utterance = _Utterance(job, engine, job.params, clock=lambda: 0.0)
+    utterance.add(np.zeros(1600, np.int16))  # a partial starts
+    _, _, partial = await engine.next_start()
+    utterance.flush()
+    _, _, flush = await engine.next_start()
+    utterance.add(np.zeros(1600, np.int16))
+    utterance.flush()  # waits for the running flush
+    closing = asyncio.ensure_future(utterance.aclose())
+    await asyncio.sleep(0)
+    assert not closing.done()
+    partial.set_result(0.2)
+    flush.set_result(0.2)
+    await asyncio.wait_for(closing, 5)
+    assert len(engine.running) == 2 and results == []
 
 
 async def test_partials_back_off_when_decoding_is_slow():
@@ -240,7 +288,7 @@ async def test_partials_back_off_when_decoding_is_slow():
     lane, samples, _ = await engine.next_start()
     assert lane == "partial" and samples == 7 * 1600
     engine.running[-1][2].set_result(0.01)
-    utterance.close()
+    await asyncio.wait_for(utterance.aclose(), 5)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,6 @@ the voice benchmark's 128 spoken questions, ~0.9 s against ~0.15 s, on a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +186,12 @@ class SttEngine(Engine):
         return text
 
     def _transcribe_full(self, audio: np.ndarray, language: str) -> str:
-        segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False)
+        # One temperature: faster-whisper's default decodes again at five more
+        # when the text compresses too well, which speech that repeats itself
+        # does; 29 s of a person saying the same four questions again took 10 s
+        # instead of 1.35 s, for the same transcript (2-vCPU AMD EPYC). A true
+        # loop is bounded by Whisper's 448 tokens per 30 s window.
+        segments, _ = self.whisper.transcribe(audio, language=language, beam_size=1, condition_on_previous_text=False, temperature=0.0)
         return " ".join(segment.text.strip() for segment in segments).strip()
 
     async def _transcribe(self, job: Job, chunks: list[np.ndarray], language: str, pool: ThreadPoolExecutor) -> tuple[str, float, float]:
@@ -216,7 +220,7 @@ class SttEngine(Engine):
                 utterance.add(pcm)
             text, audio_s = await utterance.final()
         finally:
-            utterance.close()
+            await utterance.aclose()
         job.count(max(0.0, audio_s - utterance.counted_s), 0.0)
         job.stats["audio_s"] = round(audio_s, 3)
         await job.emit(SttResult(text=text, final=True, audio_s=round(audio_s, 3)).model_dump())
@@ -237,6 +241,21 @@ class _Utterance:
     box too slow to keep up partials thin out instead of piling up. Results
     go out in order of the audio they cover: a partial that finishes after a
     flush covering more audio is dropped.
+
+    Flushes are coalesced: at most one decodes at a time, and the flushes that
+    come meanwhile become one, of all the audio by the time it starts, whose
+    transcript answers each of them (the protocol promises one flushed result
+    per ``job.flush``, in order; the gateway counts them). A
+    person who talks on with short pauses (a monologue: a flush at every
+    pause) so costs at most one decode in flight and one waiting per job,
+    never a line of 20-30 s decodes that the final queues behind (measured
+    before: no output for 20 s, the worker dropped as stalled).
+
+    A decode cannot be stopped midway (CTranslate2 runs it to the end), so a
+    job that ends early (cancelled, refused, failed) starts no new decode and
+    waits, in :meth:`aclose`, for the at most two still running (one per
+    pool; up to ~2 s each for 30 s of audio on a 2-vCPU box): its slot is
+    free only when its threads are, and the heap is trimmed after them.
     """
 
     def __init__(self, job: Job, engine: SttEngine, params: SttParams, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -251,8 +270,13 @@ class _Utterance:
         self._partial: asyncio.Task[None] | None = None
         self._partial_allowed_at = 0.0
         self._flush: asyncio.Task[str] | None = None
-        self._flushed_samples = -1
-        """Samples covered by the last flush (-1: none yet)."""
+        self._flush_to = -1
+        """Samples the last flush asked for (-1: none yet)..."""
+        self._flush_chunks = 0
+        """...and the chunks that hold them."""
+        self._flushes = self._flushes_answered = 0
+        """``job.flush`` messages received, and answered (each gets one flushed result)."""
+        self._closing = False
         self._covered = 0
         """Samples covered by the last result sent; an older one is not sent after it."""
         self._counted = 0
@@ -273,13 +297,15 @@ class _Utterance:
             self._partial = asyncio.create_task(self._run_partial(list(self.chunks), self.samples))
 
     def flush(self) -> None:
-        """Decode everything so far now, after any earlier flush (results stay in order)."""
-        self._flushed_samples = self.samples
-        self._flush = asyncio.create_task(self._run_flush(list(self.chunks), self.samples, self._flush))
+        """Decode everything so far: now, or right after the flush decoding now (results stay in order)."""
+        self._flush_to, self._flush_chunks = self.samples, len(self.chunks)
+        self._flushes += 1
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._run_flushes())
 
     async def final(self) -> tuple[str, float]:
         """The final transcript: the last flush's, if no audio came after it."""
-        if self._flush is not None and self._flushed_samples == self.samples:
+        if self._flush is not None and self._flush_to == self.samples:
             return await self._flush, self.samples / STT_SAMPLE_RATE
         text, audio_s, _ = await self.engine._transcribe(self.job, self.chunks, self.params.language, self.engine._decode_pool)
         return text, audio_s
@@ -288,28 +314,34 @@ class _Utterance:
     def counted_s(self) -> float:
         return self._counted / STT_SAMPLE_RATE
 
-    def close(self) -> None:
-        for task in (self._partial, self._flush):
-            if task is not None and not task.done():
-                task.cancel()
+    async def aclose(self) -> None:
+        """Start no more decodes; wait for the running ones, which cannot be stopped (see the class)."""
+        self._closing = True
+        running = [task for task in (self._partial, self._flush) if task is not None]
+        # Shielded: a cancelled job's run() still waits here, once, for its threads.
+        await asyncio.shield(asyncio.gather(*running, return_exceptions=True))
 
     async def _run_partial(self, chunks: list[np.ndarray], samples: int) -> None:
         try:
             text, audio_s, took = await self.engine._transcribe(self.job, chunks, self.params.language, self.engine._partial_pool)
             self._partial_allowed_at = self.clock() + took * (1 / PARTIAL_DUTY - 1)
-            if samples > self._covered:
+            if samples > self._covered and not self._closing:
                 self._covered = samples
                 await self.job.emit(SttResult(text=text, final=False, audio_s=round(audio_s, 3)).model_dump())
         except Exception:  # the job itself reports failures; a lost partial is harmless
             pass
 
-    async def _run_flush(self, chunks: list[np.ndarray], samples: int, previous: asyncio.Task[str] | None) -> str:
-        text, audio_s, _ = await self.engine._transcribe(self.job, chunks, self.params.language, self.engine._decode_pool)
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await previous
-        self.job.count(max(0, samples - self._counted) / STT_SAMPLE_RATE, 0.0)  # the service rate counts this audio
-        self._counted = max(self._counted, samples)
-        self._covered = max(self._covered, samples)
-        await self.job.emit(SttResult(text=text, final=False, flushed=True, audio_s=round(audio_s, 3)).model_dump())
+    async def _run_flushes(self) -> str:
+        """Flush until the latest flush asked for is decoded; its text."""
+        text = ""
+        while self._flushes_answered < self._flushes and not self._closing:
+            flushed, asked = self._flush_to, self._flushes
+            text, audio_s, _ = await self.engine._transcribe(self.job, self.chunks[: self._flush_chunks], self.params.language, self.engine._decode_pool)
+            self.job.count(max(0, flushed - self._counted) / STT_SAMPLE_RATE, 0.0)  # the service rate counts this audio
+            self._counted = max(self._counted, flushed)
+            self._covered = max(self._covered, flushed)
+            result = SttResult(text=text, final=False, flushed=True, audio_s=round(audio_s, 3)).model_dump()
+            while self._flushes_answered < asked and not self._closing:
+                self._flushes_answered += 1
+                await self.job.emit(result)
         return text

@@ -121,8 +121,12 @@ class JobFlush(_Message):
     STT answers with a transcript of the whole utterance so far
     (``SttResult.flushed``): the gateway sends it when the person pauses, so
     the transcript it may answer is decoded while the pause is still being
-    confirmed, and if speech resumes the same job simply goes on. Kinds that
-    produce results from each input anyway (TTS, vision, LLM) ignore it.
+    confirmed, and if speech resumes the same job simply goes on. Each flush is
+    answered by exactly one flushed result, in order; flushes that come while
+    the worker is still decoding an earlier one are answered together, by the
+    transcript of one decode of all the audio up to the latest (one decode in
+    flight per job, however often the person pauses). Kinds that produce
+    results from each input anyway (TTS, vision, LLM) ignore it.
     """
 
     type: Literal["job.flush"] = "job.flush"
