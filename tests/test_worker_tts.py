@@ -6,11 +6,14 @@ import asyncio
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream.audio import rms_dbfs
 from stream.protocol import JobResult, MediaFrame, WorkerKind
 from stream.protocol.jobs import TtsParams, TtsResult
 from stream.worker_client import JobFailed, SpeechChunk
+from workers.tts import MAX_SENTENCE_PHONEMES
 
 pytestmark = pytest.mark.models  # real models or processes of the system: the slow tier
 
@@ -128,3 +131,56 @@ async def test_text_over_the_limit_is_refused_as_it_arrives_not_after_it_is_queu
     assert info.value.code.value == "limit" and "1000 characters" in info.value.message
     await busy.end()
     assert [e async for e in busy.events() if isinstance(e, MediaFrame)]  # the busy job, and the link, are fine
+
+
+PHONEMES = st.lists(st.sampled_from([*"aeiouɪəˈˌmnszt", " ", " ", ",", ";", ":"]), max_size=400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(PHONEMES, st.integers(min_value=4, max_value=120))
+def test_a_long_sentence_is_cut_in_parts_within_the_limit_and_nothing_is_lost(phonemes, limit):
+    from workers.tts import split_sentence
+
+    parts = split_sentence(phonemes, limit)
+    assert all(0 < len(part) <= limit for part in parts)
+    assert all(part[0] != " " for part in parts[1:])  # a part never starts with the word break it was cut at
+    assert "".join(phonemes).replace(" ", "") == "".join("".join(p) for p in parts).replace(" ", "")
+    if len(phonemes) <= limit:
+        assert parts == ([phonemes] if phonemes else [])
+
+
+def test_a_long_sentence_is_cut_after_a_pause_into_parts_of_about_equal_length():
+    from workers.tts import split_sentence
+
+    words = [*"abc def,", " ", *"ghi jkl mno pqr st"]
+    parts = split_sentence(words, 20)
+    assert ["".join(p) for p in parts] == ["abc def,", "ghi jkl mno pqr st"]  # after the pause, not at the middle
+    plain = list(" ".join(["word"] * 30))  # 149 phonemes, no pause: cut at word breaks, not 100 + 49
+    lengths = [len(p) for p in split_sentence(plain, 100)]
+    assert len(lengths) == 2 and max(lengths) - min(lengths) <= 5
+
+
+def test_a_long_sentence_does_not_grow_the_workers_memory():
+    """onnxruntime keeps the arena piper's longest synthesis needed: the load sizes it for the longest part."""
+    from piper import SynthesisConfig
+
+    from stream.memory import trim
+    from tests.conftest import engine_for
+
+    engine = engine_for(WorkerKind.TTS)
+    long = " ".join(
+        ["when you travel through the mountains in the early spring with the snow still lying on the high passes"]
+        + ["and the rivers running fast and cold below the old stone bridges you will find that every village has its own bread"] * 2
+    )
+    assert max(len(s) for s in engine.voice.phonemize(long)) > 2 * MAX_SENTENCE_PHONEMES
+    trim()
+    before = _rss_mb()
+    for scale in (None, 2.0):
+        assert len(engine.synthesize(long, SynthesisConfig(length_scale=scale))) > 10 * engine.sample_rate
+    trim()
+    assert _rss_mb() < before * 1.05, (before, _rss_mb())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
