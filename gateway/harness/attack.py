@@ -17,7 +17,8 @@ attack the command reports:
 - that every process is still running.
 
 An attack passes when the probe was answered, ``/healthz`` p99 was under
-``HEALTHZ_P99_MS`` and every process's RSS came back. The figures go to the
+``HEALTHZ_P99_MS``, every process's RSS came back and the attack itself
+played out (the monologue's own last turn was answered, for one). The figures go to the
 screen and to JSON. Everything stays on loopback (addresses of 127.0.0.0/8
 stand for other hosts).
 
@@ -588,7 +589,9 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
         "all_running": alive,
         "observed": seen,
     }
-    row["passed"] = bool(probed["answered"] and p99 < HEALTHZ_P99_MS and rss_back and alive and not gauges.healthz_failures)
+    # An attack that could not play out (the monologue's last turn never answered, say) fails too.
+    played_out = "attack_error" not in seen
+    row["passed"] = bool(probed["answered"] and p99 < HEALTHZ_P99_MS and rss_back and alive and not gauges.healthz_failures and played_out)
     return row
 
 
