@@ -57,7 +57,7 @@ from stream.protocol.jobs import LlmParams, TtsParams, VisionParams
 from stream.sdk import GatewaySession, MicrophoneTrack
 from stream.worker_client import JobFailed, WorkerClient
 
-from .figures import percentile, rss_mb
+from .figures import child_pids, percentile, rss_mb
 from .speech import speak_with_piper
 from .voice_bench import SlowBox, System, running_system
 
@@ -464,15 +464,16 @@ class Gauges:
         self.target = target
         self.healthz_ms: list[float] = []
         self.healthz_failures = 0
-        self.peak_mb = {name: 0.0 for name in target.system.pids}
+        self.peak_mb: dict[str, float] = {}
 
     def rss(self) -> dict[str, float]:
+        """RSS of each process of the system, children included: the gateway's sessions live
+        in its children (``gateway/0``, ``gateway/1``...), not in the process that spawned them."""
         out = {}
         for name, pid in self.target.system.pids.items():
-            try:
-                out[name] = rss_mb(pid)
-            except OSError:  # the process is gone
-                out[name] = 0.0
+            out[name] = rss_mb(pid)
+            for index, child in enumerate(child_pids(pid)):
+                out[f"{name}/{index}"] = rss_mb(child)
         return out
 
     async def run(self) -> None:
@@ -487,7 +488,7 @@ class Gauges:
                 self.healthz_failures += 1
             self.healthz_ms.append((time.perf_counter() - started) * 1000)
             for name, mb in self.rss().items():
-                self.peak_mb[name] = max(self.peak_mb[name], mb)
+                self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), mb)
             await asyncio.sleep(HEALTHZ_EVERY_S)
 
 
@@ -560,7 +561,7 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
         settled = time.monotonic() + SETTLE_S
         while time.monotonic() < settled:
             after = gauges.rss()
-            if all(after[n] <= before[n] * (1 + RSS_SLACK) for n in before):
+            if all(after.get(n, 0.0) <= before[n] * (1 + RSS_SLACK) for n in before):
                 break
             await asyncio.sleep(0.5)
     finally:
@@ -571,9 +572,9 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
                 attacker.kill()
             await attacker.wait()
     after = gauges.rss()
-    alive = all(mb > 0 for mb in after.values())
+    alive = all(after.get(n, 0.0) > 0 for n in before)
     p99 = percentile(gauges.healthz_ms, 0.99) if gauges.healthz_ms else float("inf")
-    rss_back = all(after[n] <= before[n] * (1 + RSS_SLACK) for n in before)
+    rss_back = all(after.get(n, 0.0) <= before[n] * (1 + RSS_SLACK) for n in before)
     row = {
         "attack": chosen.name,
         "finding": chosen.finding,
@@ -584,7 +585,9 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
         "healthz_p99_ms": round(p99, 1),
         "healthz_max_ms": round(max(gauges.healthz_ms, default=0), 1),
         "healthz_failures": gauges.healthz_failures,
-        "rss_mb": {n: {"before": round(before[n]), "peak": round(max(gauges.peak_mb[n], before[n])), "after": round(after[n])} for n in before},
+        "rss_mb": {
+            n: {"before": round(before[n]), "peak": round(max(gauges.peak_mb.get(n, 0.0), before[n])), "after": round(after.get(n, 0.0))} for n in before
+        },
         "rss_back": rss_back,
         "all_running": alive,
         "observed": seen,
@@ -596,7 +599,8 @@ async def run_one(target: Target, chosen: Attack, question: int, speech_file: Pa
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    rss = row["rss_mb"]["gateway"]
+    gateway = [mb for name, mb in row["rss_mb"].items() if name.split("/")[0] == "gateway"]  # all its processes
+    rss = {key: sum(mb[key] for mb in gateway) for key in ("before", "peak", "after")}
     worst = max(row["rss_mb"].items(), key=lambda kv: kv[1]["peak"] - kv[1]["before"])
     print(
         f"{row['attack']:<17} {row['finding']:>2}  {'yes' if row['answered'] else 'NO ':<4} {row.get('answer_ms', '-')!s:>6}  "

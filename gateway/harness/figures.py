@@ -49,6 +49,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The children of process ``pid`` (Linux ``/proc``; none when it is gone)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MiB (Linux ``/proc``; 0.0 when it is gone)."""
     try:

@@ -387,7 +387,8 @@ async def run_level(
         if sample_every_s:
             while (t := time.monotonic() - started) < window_s:
                 now = await _scrape(base)
-                timeline.append({"t_s": round(t, 1), "rss_mb": round(rss_mb(gateway.pid), 2), **{f"turns_{k}": v for k, v in now.get("turns", {}).items()}})
+                rss = sum(rss_mb(pid) for pid in {gateway.pid, *pids})  # all the gateway's processes
+                timeline.append({"t_s": round(t, 1), "rss_mb": round(rss, 2), **{f"turns_{k}": v for k, v in now.get("turns", {}).items()}})
                 await asyncio.sleep(min(sample_every_s, max(0.0, window_s - (time.monotonic() - started))))
         else:
             await asyncio.sleep(window_s)
