@@ -94,7 +94,7 @@ def split_sentence(phonemes: list[str], limit: int) -> list[list[str]]:
     while len(phonemes) > limit:
         target = math.ceil(len(phonemes) / math.ceil(len(phonemes) / limit))
         window = phonemes[:limit]
-        pauses = [i + 1 for i, p in enumerate(window) if p in PAUSE_PHONEMES and i + 1 < len(window)]
+        pauses = [i + 1 for i, p in enumerate(window) if p in PAUSE_PHONEMES]
         spaces = [i for i, p in enumerate(window) if p == " " and i > 0]
         candidates = pauses or spaces or [limit]
         cut = min(candidates, key=lambda i: abs(i - target))
@@ -200,6 +200,7 @@ class TtsEngine(Engine):
         loop = asyncio.get_running_loop()
         sentences = await loop.run_in_executor(self._pool, self.phonemize_parts, text, config.length_scale)
         seconds = 0.0
+        continues = False  # this part goes on a sentence cut in parts: no pause before it either
         for index, (ends_sentence, phonemes) in enumerate(sentences):
             if job.cancelled:
                 break
@@ -208,7 +209,8 @@ class TtsEngine(Engine):
             job.count(len(pcm) / self.sample_rate, time.perf_counter() - compute_started)
             last = index == len(sentences) - 1
             after = pause_after(text) if last else None if ends_sentence else part_pause(phonemes)
-            pcm = trim_silence(pcm, self.sample_rate, LEAD_KEEP_S if index == 0 else 1.0, after)
+            pcm = trim_silence(pcm, self.sample_rate, LEAD_KEEP_S if index == 0 or continues else 1.0, after)
+            continues = not ends_sentence
             if "first_audio_s" not in job.stats:
                 job.stats["first_audio_s"] = round(time.perf_counter() - job_started, 4)
             seconds += len(pcm) / self.sample_rate
