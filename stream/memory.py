@@ -40,6 +40,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("edgestream")
 
@@ -93,10 +94,17 @@ class IdleTrim:
     def __init__(self) -> None:
         self._running: asyncio.Task[bool] | None = None
 
-    def soon(self) -> None:
+    def soon(self, after: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Trim in a thread, once ``after()`` (work still running that frees memory when done) returns."""
         if _TRIM is None or (self._running is not None and not self._running.done()):
             return
-        self._running = asyncio.get_running_loop().create_task(asyncio.to_thread(trim), name="malloc_trim")
+        self._running = asyncio.get_running_loop().create_task(self._trim(after), name="malloc_trim")
+
+    @staticmethod
+    async def _trim(after: Callable[[], Awaitable[None]] | None) -> bool:
+        if after is not None:
+            await after()
+        return await asyncio.to_thread(trim)
 
     async def close(self) -> None:
         if self._running is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -213,7 +214,7 @@ async def test_a_flush_never_waits_for_a_partial_and_outdates_it():
     partial.set_result(0.3)  # finishes after the flush, covering less audio: dropped
     await asyncio.wait_for(utterance._partial, 5)
     assert len(results) == 1
-    await asyncio.wait_for(utterance.aclose(), 5)
+    utterance.close()
 
 
 async def test_flushes_that_come_while_one_decodes_become_one():
@@ -239,29 +240,42 @@ async def test_flushes_that_come_while_one_decodes_become_one():
     assert await asyncio.wait_for(final, 5) == ("decode of 6400", 0.4)
     assert [r.audio_s for r in results] == [0.1, 0.4, 0.4, 0.4]  # each flush answered, in order
     assert len(engine.running) == 2
-    await asyncio.wait_for(utterance.aclose(), 5)
+    utterance.close()
 
 
-async def test_a_job_that_ends_early_waits_for_its_running_decode_and_starts_no_other():
-    """A decode cannot be stopped: the job's slot (and the heap's trim) wait for it; nothing is sent after."""
+async def test_a_job_that_ends_early_starts_no_other_decode_and_sends_nothing():
     from workers.stt import _Utterance
 
     engine = _Decodes()
     job, results = _stt_job()
     utterance = _Utterance(job, engine, job.params, clock=lambda: 0.0)
     utterance.add(np.zeros(1600, np.int16))  # a partial starts
-    _, _, partial = await engine.next_start()
+    await engine.next_start()
     utterance.flush()
-    _, _, flush = await engine.next_start()
+    await engine.next_start()
     utterance.add(np.zeros(1600, np.int16))
     utterance.flush()  # waits for the running flush
-    closing = asyncio.ensure_future(utterance.aclose())
-    await asyncio.sleep(0)
-    assert not closing.done()
-    partial.set_result(0.2)
-    flush.set_result(0.2)
-    await asyncio.wait_for(closing, 5)
-    assert len(engine.running) == 2 and results == []
+    running = (utterance._partial, utterance._flush)
+    utterance.close()
+    await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 5)
+    assert len(engine.running) == 2 and results == []  # the second flush never started
+
+
+async def test_the_idle_trim_waits_for_a_cancelled_jobs_decode_which_cannot_be_stopped():
+    """A decode runs to its end in its thread; trimmed before it ended, the heap keeps what it frees after."""
+    from tests.conftest import engine_for
+
+    engine = engine_for(WorkerKind.STT)
+    job, _ = _stt_job()
+    noise = [np.random.default_rng(1).integers(-3000, 3000, 20 * STT_SAMPLE_RATE).astype(np.int16)]  # the 30 s path
+    decoding = asyncio.ensure_future(engine._transcribe(job, noise, "en", engine._decode_pool))
+    await wait_until(lambda: engine._decodes and all(d.running() for d in engine._decodes), timeout=10)
+    decoding.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await decoding  # the job is over at once...
+    assert [d for d in engine._decodes if not d.done()]  # ...its decode is not
+    await asyncio.wait_for(engine.settled(), 60)
+    assert not [d for d in engine._decodes if not d.done()]
 
 
 async def test_partials_back_off_when_decoding_is_slow():
@@ -288,7 +302,7 @@ async def test_partials_back_off_when_decoding_is_slow():
     lane, samples, _ = await engine.next_start()
     assert lane == "partial" and samples == 7 * 1600
     engine.running[-1][2].set_result(0.01)
-    await asyncio.wait_for(utterance.aclose(), 5)
+    utterance.close()
 
 
 @pytest.mark.parametrize(

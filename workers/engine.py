@@ -33,5 +33,9 @@ class Engine(abc.ABC):
     async def run(self, job: Job) -> None:
         """Run ``job`` to completion; raise :class:`~workers.job.JobCancelled` if cancelled."""
 
+    async def settled(self) -> None:  # noqa: B027 - a hook: engines whose work ends with its job need not write one
+        """Return once no model work is running, that of jobs already over included (a
+        cancelled job's decode may not be stoppable); the idle trim waits for this."""
+
     def close(self) -> None:  # noqa: B027 - a hook: engines with nothing to free need not write one
         """Free the model's resources."""

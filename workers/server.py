@@ -232,7 +232,7 @@ class WorkerServer:
         finally:
             self.unqueue(job)
             if self.running == 0 and self.queued == 0:
-                self._idle_trim.soon()  # what the job's buffers held goes back to the system
+                self._idle_trim.soon(self.engine.settled)  # what the jobs' buffers held goes back, once their threads are done
             if job.work_units > 0:  # a cancelled job did work too (an STT job after its flush)
                 self.rate.observe(job.work_units, job.compute_s)
                 self.metrics.compute_seconds.observe(job.compute_s)
