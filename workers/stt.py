@@ -289,7 +289,6 @@ class _Utterance:
         """...and the chunks that hold them."""
         self._flushes = self._flushes_answered = 0
         """``job.flush`` messages received, and answered (each gets one flushed result)."""
-        self._closing = False
         self._covered = 0
         """Samples covered by the last result sent; an older one is not sent after it."""
         self._counted = 0
@@ -329,7 +328,6 @@ class _Utterance:
 
     def close(self) -> None:
         """Start no more decodes, and drop the ones not started (see the class)."""
-        self._closing = True
         for task in (self._partial, self._flush):
             if task is None:
                 continue
@@ -342,7 +340,7 @@ class _Utterance:
         try:
             text, audio_s, took = await self.engine._transcribe(self.job, chunks, self.params.language, self.engine._partial_pool)
             self._partial_allowed_at = self.clock() + took * (1 / PARTIAL_DUTY - 1)
-            if samples > self._covered and not self._closing:
+            if samples > self._covered:
                 self._covered = samples
                 await self.job.emit(SttResult(text=text, final=False, audio_s=round(audio_s, 3)).model_dump())
         except Exception:  # the job itself reports failures; a lost partial is harmless
@@ -351,14 +349,14 @@ class _Utterance:
     async def _run_flushes(self) -> str:
         """Flush until the latest flush asked for is decoded; its text."""
         text = ""
-        while self._flushes_answered < self._flushes and not self._closing:
+        while self._flushes_answered < self._flushes:
             flushed, asked = self._flush_to, self._flushes
             text, audio_s, _ = await self.engine._transcribe(self.job, self.chunks[: self._flush_chunks], self.params.language, self.engine._decode_pool)
             self.job.count(max(0, flushed - self._counted) / STT_SAMPLE_RATE, 0.0)  # the service rate counts this audio
             self._counted = max(self._counted, flushed)
             self._covered = max(self._covered, flushed)
             result = SttResult(text=text, final=False, flushed=True, audio_s=round(audio_s, 3)).model_dump()
-            while self._flushes_answered < asked and not self._closing:
+            while self._flushes_answered < asked:
                 self._flushes_answered += 1
                 await self.job.emit(result)
         return text

@@ -107,11 +107,6 @@ def split_sentence(phonemes: list[str], limit: int) -> list[list[str]]:
     return parts
 
 
-def part_pause(phonemes: list[str]) -> float:
-    """Seconds of silence to keep after a part of a longer sentence (see :func:`pause_after`)."""
-    return 0.12 if phonemes and phonemes[-1] in PAUSE_PHONEMES else 0.03
-
-
 class TtsEngine(Engine):
     kind = WorkerKind.TTS
     rate_unit = "audio_s"
@@ -208,7 +203,7 @@ class TtsEngine(Engine):
             pcm = await loop.run_in_executor(self._pool, self.sentence_audio, phonemes, config)
             job.count(len(pcm) / self.sample_rate, time.perf_counter() - compute_started)
             last = index == len(sentences) - 1
-            after = pause_after(text) if last else None if ends_sentence else part_pause(phonemes)
+            after = pause_after(text) if last else None if ends_sentence else pause_after("".join(phonemes))
             pcm = trim_silence(pcm, self.sample_rate, LEAD_KEEP_S if index == 0 or continues else 1.0, after)
             continues = not ends_sentence
             if "first_audio_s" not in job.stats:
