@@ -410,6 +410,7 @@ def bench_gateway_load(
     out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-gateway-load.json"),
     profile: Annotated[Path | None, typer.Option(help="Directory for py-spy profiles of each gateway process, one per run (needs py-spy).")] = None,
     processes: Annotated[str, typer.Option(help="Gateway process counts to run every level with, in order (the ratio is read off one run).")] = "1",
+    logs: Annotated[Path | None, typer.Option(help="Directory to keep the gateway's and clients' logs in (default: a temporary one, removed).")] = None,
 ) -> None:
     """N talking WebRTC sessions on a gateway (canned models): CPU per process and session, ingest lag p50/p99, lost frames; the largest N passing."""
     from gateway.harness.load_bench import run_load_bench
@@ -417,7 +418,7 @@ def bench_gateway_load(
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
     counts = tuple(int(x) for x in processes.split(","))
-    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile, counts))
+    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile, counts, logs))
 
 
 @bench_app.command("overhead")

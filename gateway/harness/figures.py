@@ -1,15 +1,17 @@
-"""What every harness reports with: medians and percentiles, the machine, free ports, process memory.
+"""What every harness reports with: medians and percentiles, the machine, free ports, process memory, its working directory.
 
 One home for these so that two benchmarks never compute "p95" two ways.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
 import statistics
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,17 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+@contextlib.contextmanager
+def work_dir(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """``keep`` (made if missing, left in place: a run's logs to read afterwards), or a temporary directory removed at the end."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def free_port() -> int:

@@ -58,7 +58,7 @@ from stream.protocol import WorkerKind
 from stream.running import run
 from workers.server import WorkerServer
 
-from .figures import free_port, machine, median, percentile, rss_mb
+from .figures import free_port, machine, median, percentile, rss_mb, work_dir
 from .speech import piper_voice
 
 QUESTION = "What is the capital of France?"
@@ -326,7 +326,11 @@ async def run_level(
         gateway_config(
             port,
             harness.worker_urls,
-            f"processes = {processes}\nmax_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\nice_timeout_s = 60\n",
+            # Every client connects from 127.0.0.1: the per-address limits are the whole load's
+            # (with the defaults a 2-process gateway refuses the 16th offer in a minute on a process).
+            f"processes = {processes}\nmax_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\n"
+            f"offers_per_minute = {4 * (sessions + 10)}\nmax_pending_signaling = {sessions + 64}\n"
+            f"max_pending_signaling_per_address = {sessions + 10}\nice_timeout_s = 60\n",
         )
     )
     gateway = await start_gateway(config, port, harness.workdir / f"gateway-{processes}x{sessions}.log")
@@ -496,11 +500,16 @@ async def run_load_bench(
     out: Path,
     profile_dir: Path | None = None,
     process_counts: tuple[int, ...] = (1,),
+    logs: Path | None = None,
 ) -> dict[str, Any]:
-    """Every level on a gateway of each of ``process_counts`` processes, in one run (so their ratio is read off one machine state)."""
-    with tempfile.TemporaryDirectory(prefix="edgestream-load-") as tmp:
-        harness = await _start_harness(Path(tmp))
-        print(f"gateway-load: {window_s:g} s window per level, {clients} client processes, {repeats} run(s) per level; logs in {tmp}")
+    """Every level on a gateway of each of ``process_counts`` processes, in one run (so their ratio is read off one machine state).
+
+    The gateway's and clients' logs go to ``logs`` (kept), or to a temporary directory removed at the end.
+    """
+    with work_dir(logs, "edgestream-load-") as tmp:
+        harness = await _start_harness(tmp)
+        kept = "" if logs else " (removed at the end; --logs DIR keeps them)"
+        print(f"gateway-load: {window_s:g} s window per level, {clients} client processes, {repeats} run(s) per level; logs in {tmp}{kept}")
         print(
             f"{'procs':>5} {'sessions':>8} {'connected':>9} {'gw cpu%':>7} {'%/sess':>6} {'cli cpu%':>8} {'lag p50':>8} {'lag p99':>8} {'lost':>6} "
             f"{'recv/sent frames':>17} {'ans fps':>7} {'answers':>7} {'slip p99':>9} {'pass':>5} per process: cpu%/lag p99 ms"
