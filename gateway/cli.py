@@ -411,6 +411,12 @@ def bench_gateway_load(
     profile: Annotated[Path | None, typer.Option(help="Directory for py-spy profiles of each gateway process, one per run (needs py-spy).")] = None,
     processes: Annotated[str, typer.Option(help="Gateway process counts to run every level with, in order (the ratio is read off one run).")] = "1",
     logs: Annotated[Path | None, typer.Option(help="Directory to keep the gateway's and clients' logs in (default: a temporary one, removed).")] = None,
+    clients_nice: Annotated[
+        int,
+        typer.Option(
+            min=0, max=19, help="Run the client processes at this nice (lower CPU priority): the gateway gets the cores first, as on a box of its own."
+        ),
+    ] = 0,
 ) -> None:
     """N talking WebRTC sessions on a gateway (canned models): CPU per process and session, ingest lag p50/p99, lost frames; the largest N passing."""
     from gateway.harness.load_bench import run_load_bench
@@ -418,7 +424,7 @@ def bench_gateway_load(
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
     counts = tuple(int(x) for x in processes.split(","))
-    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile, counts, logs))
+    asyncio.run(run_load_bench([int(x) for x in sessions.split(",")], clients, window, repeats, out, profile, counts, logs, clients_nice))
 
 
 @bench_app.command("overhead")
