@@ -291,12 +291,12 @@ async def start_gateway(config: Path, port: int, log: Path) -> asyncio.subproces
             await asyncio.sleep(0.2)
 
 
-async def _start_harness(workdir: Path) -> Harness:
+async def _start_harness(workdir: Path, clients_nice: int = 0) -> Harness:
     packets, answer, answer_rate = await asyncio.to_thread(speech_packets)
     packets_file = workdir / "question.opus.pickle"
     packets_file.write_bytes(pickle.dumps(packets))
     servers, urls = await start_canned_workers(answer, answer_rate)
-    return Harness(workdir, packets_file, urls, servers)
+    return Harness(workdir, packets_file, urls, servers, clients_nice)
 
 
 async def _spawn(*args: str, log: Path, stdin: bool = False, nice: int = 0) -> asyncio.subprocess.Process:
@@ -331,15 +331,15 @@ async def run_level(
     """
     port = free_port()
     config = harness.workdir / f"gateway-{sessions}.toml"
+    room = sessions + 10  # every limit above the load, so that only the gateway's work limits it
     config.write_text(
         gateway_config(
             port,
             harness.worker_urls,
             # Every client connects from 127.0.0.1: the per-address limits are the whole load's
             # (with the defaults a 2-process gateway refuses the 16th offer in a minute on a process).
-            f"processes = {processes}\nmax_sessions = {sessions + 10}\nmax_sessions_per_client = {sessions + 10}\n"
-            f"offers_per_minute = {4 * (sessions + 10)}\nmax_pending_signaling = {sessions + 64}\n"
-            f"max_pending_signaling_per_address = {sessions + 10}\nice_timeout_s = 60\n",
+            f"processes = {processes}\nmax_sessions = {room}\nmax_sessions_per_client = {room}\noffers_per_minute = {4 * room}\n"
+            f"max_pending_signaling = {sessions + 64}\nmax_pending_signaling_per_address = {room}\nice_timeout_s = 60\n",
         )
     )
     gateway = await start_gateway(config, port, harness.workdir / f"gateway-{processes}x{sessions}.log")
@@ -518,8 +518,7 @@ async def run_load_bench(
     The gateway's and clients' logs go to ``logs`` (kept), or to a temporary directory removed at the end.
     """
     with work_dir(logs, "edgestream-load-") as tmp:
-        harness = await _start_harness(tmp)
-        harness.clients_nice = clients_nice
+        harness = await _start_harness(tmp, clients_nice)
         kept = "" if logs else " (removed at the end; --logs DIR keeps them)"
         niced = f" at nice {clients_nice}" if clients_nice else ""
         print(f"gateway-load: {window_s:g} s window per level, {clients} client processes{niced}, {repeats} run(s) per level; logs in {tmp}{kept}")
