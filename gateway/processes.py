@@ -4,20 +4,24 @@ One gateway process holds every session under one GIL, so ``edgestream
 gateway`` with ``[gateway] processes`` above 1 (by default one per core)
 runs that many gateway processes instead, under a supervisor (this module):
 
-- **One port.** Each process listens on the gateway's address and port with
-  ``SO_REUSEPORT``; the kernel spreads new connections over them (a hash of
-  the client's address and port). A session lives in the process that
-  accepted its signaling connection: its WebRTC, its conversation, its jobs.
-  The supervisor holds the port bound (not listening) for as long as it runs,
-  so that no other program takes it while a process restarts.
+- **One port, even spread.** The supervisor listens on the gateway's address
+  and port and hands each accepted connection, the socket itself, to the
+  process holding the fewest sessions (``gateway/spread.py`` decides,
+  ``gateway/handoff.py`` passes it over a Unix socket). A session lives in the
+  process that took its signaling connection: its WebRTC, its conversation,
+  its jobs; nothing is proxied. (Before, each process listened with
+  ``SO_REUSEPORT`` and the kernel's hash of the client's address and port
+  chose: 40 connections split up to 16/24.)
+  The port stays the supervisor's while processes come and go: a connection
+  that arrives while one restarts goes to the others.
 - **Global limits.** The supervisor keeps the gateway's
   :class:`~gateway.ledger.SessionLedger`: every process asks it to admit each
   session (``max_sessions``, ``max_sessions_per_client`` count the whole
   gateway) over a Unix socket link (``gateway/process_link.py``) in a
   directory only this user can open. Token revocation holds because every
   process follows the token file itself. Rate and pending-connection limits
-  (``offers_per_minute``, ``max_pending_signaling...``), checked where a
-  connection lands before any session exists, are shared out: each process
+  (``offers_per_minute``, ``max_pending_signaling...``), checked in the
+  process a connection is handed to before any session exists, are shared out: each process
   holds its part of them (``GatewaySettings.share_of``).
 - **One health, one metrics.** ``/healthz``, ``/readyz`` and ``/metrics``,
   asked of any process, gather every process's report through the supervisor
@@ -45,6 +49,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +59,11 @@ from stream.ports import check_can_listen
 from stream.running import run, until_signalled
 
 from .children import Child, stop_all, supervise
+from .handoff import Inlet, Outlet, accept_outlets
 from .launch import print_listening
 from .ledger import SessionLedger
 from .process_link import MAX_LINE_BYTES, FleetMember, LinkClosed, Message, ProcessLink
+from .spread import Spread
 from .tokens import TokenChecker
 
 log = logging.getLogger("edgestream.gateway")
@@ -81,14 +88,65 @@ class _Member:
 
 
 class Supervisor:
-    """The ledger and the links of every gateway process."""
+    """The ledger, the links and the hand-off sockets of every gateway process."""
 
     def __init__(self, settings: GatewaySettings, count: int) -> None:
         self.count = count
         self.ledger = SessionLedger(settings.max_sessions, settings.max_sessions_per_client)
         self.members: dict[int, _Member] = {}
         self.listening: dict[int, asyncio.Event] = {index: asyncio.Event() for index in range(count)}
+        self.outlets: dict[int, Outlet] = {}
+        self.spread = Spread()
+        self.can_hand = asyncio.Event()
+        """Set while some process can take a connection; the port is not accepted on otherwise (connections wait in its backlog)."""
         self._owners = itertools.count(1)
+
+    # -- connections ------------------------------------------------------------------
+
+    async def hand_out(self, listener: socket.socket) -> None:
+        """Accept on the gateway's port and hand each connection to a process, until cancelled."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            await self.can_hand.wait()
+            connection, _ = await loop.sock_accept(listener)
+            with connection:  # the supervisor's copy: closed once handed (or when nobody can take it)
+                self.hand(connection, time.monotonic())
+
+    def hand(self, connection: socket.socket, now: float) -> int | None:
+        """Give ``connection`` to the process :class:`Spread` picks (the next one if that one cannot take it); which one."""
+        tried: set[int] = set()
+        while True:
+            held = {index: self.sessions_of(index) for index in self.outlets if index not in tried}
+            index = self.spread.choose(held, now)
+            if index is None:
+                log.warning("no gateway process could take a connection from %s; closed", _peer(connection))
+                return None
+            if self.outlets[index].give(connection):
+                self.spread.handed(index, now)
+                return index
+            tried.add(index)
+
+    def sessions_of(self, index: int) -> int:
+        member = self.members.get(index)
+        return 0 if member is None else self.ledger.held_by(member.owner)
+
+    def outlet_opened(self, outlet: Outlet) -> None:
+        old = self.outlets.get(outlet.index)
+        if old is not None:  # the process it belonged to is gone; this is the one started in its place
+            old.close()
+        self.outlets[outlet.index] = outlet
+        self.spread.forget([outlet.index])
+        self.can_hand.set()
+
+    def outlet_closed(self, outlet: Outlet) -> None:
+        if self.outlets.get(outlet.index) is outlet:
+            del self.outlets[outlet.index]
+            self.spread.forget([outlet.index])
+        if not self.outlets:
+            self.can_hand.clear()
+
+    # -- the processes' links ---------------------------------------------------------
 
     async def serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         owner = next(self._owners)
@@ -106,6 +164,8 @@ class Supervisor:
                 return None
             if op == "claim":
                 refusal = self.ledger.claim(owner, str(message["session"]), str(message["client"]))
+                if index is not None:
+                    self.spread.claimed(index)  # admitted or refused, that connection is no longer on its way
                 return {} if refusal is None else {"code": refusal.code, "message": refusal.message}
             if op == "release":
                 self.ledger.release(str(message["session"]))
@@ -140,21 +200,29 @@ class Supervisor:
         return [report for report in reports if report is not None]
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound (not listening) to ``host:port`` with ``SO_REUSEPORT``: the port (chosen here
-    when 0) stays this gateway's while its processes come and go. Raises :class:`OSError` if taken,
-    also by a listener that would share it (``SO_REUSEPORT``: another gateway of this user)."""
+def listen_on(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket on ``host:port`` (the port chosen here when 0), the supervisor's
+    while its processes come and go. Raises :class:`OSError` if another program has the port, also
+    one that would share it (``SO_REUSEPORT``) or an earlier gateway of this user."""
     check_can_listen(host, port, "the gateway")
     family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    reservation = socket.socket(family, kind, proto)
+    listener = socket.socket(family, kind, proto)
     try:
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        reservation.bind(address)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT do not hold it
+        listener.bind(address)
+        listener.listen(socket.SOMAXCONN)
     except BaseException:
-        reservation.close()
+        listener.close()
         raise
-    return reservation
+    return listener
+
+
+def _peer(connection: socket.socket) -> str:
+    try:
+        peer = connection.getpeername()
+    except OSError:
+        return "a client"
+    return str(peer[0]) if isinstance(peer, tuple) else "a client"
 
 
 def check_security(config: Config) -> None:
@@ -173,13 +241,18 @@ async def run_processes(config: Config, count: int) -> int:
     """Run a gateway of ``count`` processes until a signal; the exit status of ``edgestream gateway``."""
     settings = config.gateway
     check_security(config)
-    reservation = reserve_port(settings.host, settings.port)
-    port = reservation.getsockname()[1]
+    listener = listen_on(settings.host, settings.port)
+    port = listener.getsockname()[1]
     supervisor = Supervisor(settings, count)
     with tempfile.TemporaryDirectory(prefix="edgestream-gateway-") as directory:  # mode 700: only this user joins
         path = str(Path(directory) / "supervisor.sock")
         server = await asyncio.start_unix_server(supervisor.serve_link, path, limit=MAX_LINE_BYTES)
-        spec = {"config": config.model_dump(mode="json"), "processes": count, "link": path, "port": port}
+        handoff = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        handoff.bind(str(Path(directory) / "handoff.sock"))
+        handoff.listen(count * 2)
+        outlets = asyncio.create_task(accept_outlets(handoff, supervisor.outlet_opened, supervisor.outlet_closed), name="hand-off sockets")
+        hand_out = asyncio.create_task(supervisor.hand_out(listener), name="accepting")
+        spec = {"config": config.model_dump(mode="json"), "processes": count, "directory": directory, "port": port}
         kids = [
             Child(
                 f"gw{index}",
@@ -199,14 +272,19 @@ async def run_processes(config: Config, count: int) -> int:
                 code = next((c.process.returncode for c in kids if c.process and c.process.returncode), 1) or 1
                 return code
             pids = ", ".join(str(child.process.pid) for child in kids if child.process is not None)
-            print_listening(config, port, f"{len(kids)} processes on one port (pids {pids}); sessions are spread over them")
+            print_listening(config, port, f"{len(kids)} processes on one port (pids {pids}); each connection goes to the one with the fewest sessions")
             code = await supervise(kids, stopper, essential=lambda child: True)
         finally:
             stopper.cancel()
             say("stopping")
+            hand_out.cancel()  # new connections wait in the backlog, and are refused when it closes
+            listener.close()
             await stop_all(kids)
+            outlets.cancel()
+            for outlet in list(supervisor.outlets.values()):
+                outlet.close()
+            handoff.close()
             server.close()
-            reservation.close()
     return code
 
 
@@ -229,14 +307,17 @@ async def _all_listening(supervisor: Supervisor, kids: list[Child], stopper: asy
 # -- one gateway process ---------------------------------------------------------------
 
 
-async def serve_process(config: Config, index: int, processes: int, link_path: str, port: int) -> int:
-    """Process ``index`` of ``processes`` in the gateway: listen beside the others, until SIGTERM or the supervisor is gone."""
+async def serve_process(config: Config, index: int, processes: int, directory: str, port: int) -> int:
+    """Process ``index`` of ``processes`` in the gateway: serve the connections the supervisor hands
+    over, until SIGTERM or the supervisor is gone."""
     from .server import Gateway
 
-    fleet = FleetMember(link_path, index)
+    fleet = FleetMember(str(Path(directory) / "supervisor.sock"), index)
     gateway = Gateway(config.gateway.share_of(processes), config.worker_urls(), config.security, fleet=fleet)
     await fleet.connect(gateway.report)
-    await gateway.start(port=port, reuse_port=True)
+    await gateway.start(port=port, door=str(Path(directory) / f"gw{index}.sock"))
+    inlet = Inlet(str(Path(directory) / "handoff.sock"), index, gateway.adopt)
+    await inlet.connect()
     assert fleet.link is not None
     fleet.link.tell({"op": "listening"})
     signalled = asyncio.create_task(until_signalled())
@@ -248,6 +329,7 @@ async def serve_process(config: Config, index: int, processes: int, link_path: s
         orphaned.cancel()
     if orphaned.done() and not signalled.done():
         log.error("the gateway's supervisor is gone; this process stops")
+    inlet.close()
     await gateway.close()
     await fleet.close()
     return 0 if signalled.done() else 1
@@ -258,7 +340,7 @@ def main() -> int:
     config = Config.model_validate(spec["config"])
     logs.configure(config.log.format, config.log.level)
     with contextlib.suppress(KeyboardInterrupt):
-        return run(serve_process(config, int(spec["index"]), int(spec["processes"]), spec["link"], int(spec["port"])))
+        return run(serve_process(config, int(spec["index"]), int(spec["processes"]), spec["directory"], int(spec["port"])))
     return 0
 
 

@@ -36,6 +36,7 @@ import json
 import logging
 import mimetypes
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -47,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from stream import keys, logs, tls
 from stream.config import GatewaySettings, SecuritySettings, check_gateway_exposure
@@ -161,6 +163,8 @@ class Gateway:
         self.metrics.watch(self.pool, lambda: self.sessions.values())
         logs.install()
         self._server: Server | None = None
+        self._connection_class = _front_door(self._aborts)
+        self._adopting: set[asyncio.Task[None]] = set()
         self._token_watch: asyncio.Task[None] | None = None
         self._closing = False
         self.pending = PendingConnections(settings.max_pending_signaling, settings.max_pending_signaling_per_address)
@@ -177,8 +181,14 @@ class Gateway:
 
             allow_loopback_ice()
 
-    async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
-        """Listen (``reuse_port``: beside this gateway's other processes, on one port); the port."""
+    async def start(self, host: str | None = None, port: int | None = None, *, door: str | None = None) -> int:
+        """Listen on ``host:port``; the port.
+
+        One process of several (``gateway/processes.py``) listens instead on a
+        Unix socket of its own at ``door`` and serves the connections its
+        supervisor accepts on the gateway's port, handed in through
+        :meth:`adopt`; ``port`` (the gateway's) is what it returns then.
+        """
         host = host or self.settings.host
         check_gateway_exposure(host, self.tokens is not None)
         self.pool.start()
@@ -187,19 +197,50 @@ class Gateway:
 
             self.discovery = Discovery(self.pool, self.settings.discover_interfaces or None)
             await self.discovery.start()
+        where: dict[str, object] = {"host": host, "port": self.settings.port if port is None else port}
+        if door is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(door)  # a process restarted in its place left it
+            where = {"unix": True, "path": door}
         self._server = await serve(
             self._handle,
-            host,
-            self.settings.port if port is None else port,
+            **where,
             process_request=get_and_head_only(self._http),
-            create_connection=_front_door(self._aborts),
+            create_connection=self._connection_class,
             max_size=MAX_SIGNALING_BYTES,
+            compression=None,  # small JSON messages: per-message deflate would cost CPU and a zlib context per session
             ssl=self.ssl_context,
-            reuse_port=reuse_port,
         )
         if self.tokens is not None:
             self._token_watch = asyncio.create_task(self._watch_tokens(), name="token file")
+        if door is not None:
+            assert port is not None
+            return port
         return self._server.sockets[0].getsockname()[1]
+
+    def adopt(self, connection: socket.socket) -> None:
+        """Serve ``connection``, accepted by the supervisor on the gateway's port (:meth:`start` with ``door``):
+        as if this process had accepted it, with the same limits (``serve``'s above: the same protocol and class)."""
+        assert self._server is not None
+        server = self._server
+        connection.setblocking(False)
+
+        def signaling_connection() -> ServerConnection:
+            return self._connection_class(ServerProtocol(max_size=MAX_SIGNALING_BYTES), server)
+
+        async def serve_it() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.connect_accepted_socket(
+                    signaling_connection, connection, ssl=self.ssl_context, ssl_handshake_timeout=OFFER_TIMEOUT_S if self.ssl_context else None
+                )
+            except Exception as exc:  # reset before it was served, a failed TLS handshake: that connection only
+                log.info("a connection handed to this process could not be served: %s", exc or type(exc).__name__)
+                connection.close()
+
+        task = asyncio.create_task(serve_it(), name="handed connection")
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def close(self) -> None:
         """Stop: every session ends, then the signaling server, discovery and the worker links.
@@ -210,6 +251,8 @@ class Gateway:
         self._closing = True  # sessions end with "shutting_down", not "connection_failed"
         if self._token_watch is not None:
             self._token_watch.cancel()
+        for task in list(self._adopting):
+            task.cancel()
         sessions = list(self.sessions.values())
         if sessions:
             await _bounded("closing the sessions", asyncio.gather(*(s.close() for s in sessions), return_exceptions=True))

@@ -1,9 +1,10 @@
 """A gateway of several processes on one port behaves as one gateway (``gateway/processes.py``).
 
 The gateway runs as ``edgestream gateway --processes 2`` (real processes,
-real SO_REUSEPORT listeners, real WebRTC from the SDK); the workers are real
-worker servers with canned models, in this process. The kernel chooses each
-session's process, so the tests open sessions until both processes hold one.
+the supervisor handing each accepted connection to one of them, real WebRTC
+from the SDK); the workers are real worker servers with canned models, in
+this process. The supervisor gives each new session to the process holding
+the fewest, so sessions opened one after another alternate between the two.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,8 +27,9 @@ import pytest_asyncio
 
 from gateway.harness.figures import free_port
 from gateway.harness.load_bench import start_canned_workers
-from gateway.processes import reserve_port
+from gateway.processes import listen_on
 from gateway.tokens import TokenFile
+from stream import tls
 from stream.http import get
 from stream.sdk import Backoff, GatewayError, GatewaySession
 
@@ -37,19 +40,25 @@ ANSWER_PCM = (np.sin(np.arange(22050) / 8) * 8000).astype(np.int16)
 
 
 class MultiProcessGateway:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path, trusted: ssl.SSLContext | None = None) -> None:
         self.process = process
         self.port = port
         self.log = log
-        self.url = f"ws://127.0.0.1:{port}/session"
+        self.trusted = trusted
+        secure = "s" if trusted is not None else ""
+        self.url = f"ws{secure}://127.0.0.1:{port}/session"
+        self.http = f"http{secure}://127.0.0.1:{port}"
+
+    async def get(self, path: str) -> tuple[int, str]:
+        return await get(f"{self.http}{path}", timeout=2, ssl_context=self.trusted)
 
     async def health(self) -> dict:
-        status, body = await get(f"http://127.0.0.1:{self.port}/healthz")
+        status, body = await self.get("/healthz")
         assert status == 200, body
         return json.loads(body)
 
     async def metrics(self, query: str = "") -> str:
-        status, body = await get(f"http://127.0.0.1:{self.port}/metrics{query}")
+        status, body = await self.get(f"/metrics{query}")
         assert status == 200
         return body
 
@@ -63,7 +72,9 @@ async def canned_workers() -> AsyncIterator[dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def multi_process_gateway(tmp_path: Path, urls: dict[str, str], extra: str = "", security: str = "") -> AsyncIterator[MultiProcessGateway]:
+async def multi_process_gateway(
+    tmp_path: Path, urls: dict[str, str], extra: str = "", security: str = "", trusted: ssl.SSLContext | None = None
+) -> AsyncIterator[MultiProcessGateway]:
     port = free_port()
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -75,13 +86,13 @@ async def multi_process_gateway(tmp_path: Path, urls: dict[str, str], extra: str
     command = [sys.executable, "-m", "gateway", "gateway", "--config", str(config), "--processes", "2"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)  # noqa: ASYNC220 (returns at once)
-    gateway = MultiProcessGateway(process, port, log)
+    gateway = MultiProcessGateway(process, port, log, trusted)
     try:
         async with asyncio.timeout(60):
             while True:
                 assert process.poll() is None, log.read_text()
                 with contextlib.suppress(OSError, ValueError):
-                    status, _ = await get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                    status, _ = await gateway.get("/readyz")
                     if status == 200:
                         break
                 await asyncio.sleep(0.2)
@@ -97,16 +108,11 @@ async def multi_process_gateway(tmp_path: Path, urls: dict[str, str], extra: str
 
 
 async def open_spread(gateway: MultiProcessGateway, count: int, **options) -> list[GatewaySession]:
-    """``count`` sessions, reopened until both processes hold at least one (the kernel picks the process)."""
+    """``count`` sessions, opened one after another: they are spread evenly over the two processes."""
     sessions = [await GatewaySession.connect(gateway.url, loopback_ice=True, **options) for _ in range(count)]
-    for _ in range(30):
-        spread = await sessions_by_pid(gateway)
-        if len([pid for pid, n in spread.items() if n]) == 2:
-            return sessions
-        await sessions.pop(0).close()
-        await wait_until_sessions(gateway, count - 1)
-        sessions.append(await GatewaySession.connect(gateway.url, loopback_ice=True, **options))
-    raise AssertionError("the sessions never landed in both processes")
+    spread = sorted((await sessions_by_pid(gateway)).values())
+    assert spread == [count // 2, count - count // 2], spread
+    return sessions
 
 
 async def sessions_by_pid(gateway: MultiProcessGateway) -> dict[int, int]:
@@ -133,15 +139,17 @@ def test_a_port_another_program_listens_on_is_refused():
 
     with socket.create_server(("127.0.0.1", 0)) as other:
         with pytest.raises(OSError):
-            reserve_port("127.0.0.1", other.getsockname()[1])
-    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as sharing:  # another gateway on that port
+            listen_on("127.0.0.1", other.getsockname()[1])
+    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as sharing:  # a program that would share it
         with pytest.raises(OSError):
-            reserve_port("127.0.0.1", sharing.getsockname()[1])
-    reservation = reserve_port("127.0.0.1", 0)  # a free one: held, not listened on
+            listen_on("127.0.0.1", sharing.getsockname()[1])
+    listener = listen_on("127.0.0.1", 0)  # a free one
     try:
-        assert reservation.getsockname()[1] > 0
+        assert listener.getsockname()[1] > 0
+        with pytest.raises(OSError):  # a second gateway on it
+            listen_on("127.0.0.1", listener.getsockname()[1])
     finally:
-        reservation.close()
+        listener.close()
 
 
 async def test_session_limits_metrics_and_revocation_hold_across_processes(tmp_path, canned_workers):
@@ -238,6 +246,22 @@ async def test_sigterm_drains_every_process(tmp_path, canned_workers):
                     await session.closed.wait()
             assert all(s.close_reason is not None and s.close_reason.code == "shutting_down" for s in sessions)
             assert await asyncio.to_thread(gateway.process.wait, 20) == 0
+        finally:
+            for session in sessions:
+                await session.close()
+
+
+async def test_tls_is_spoken_by_the_process_a_connection_is_handed_to(tmp_path, canned_workers):
+    cert, key = tmp_path / "edgestream.crt", tmp_path / "edgestream.key"
+    tls.create_self_signed(cert, key, ["localhost", "127.0.0.1"])
+    security = f'[security]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    async with multi_process_gateway(tmp_path, canned_workers, security=security, trusted=tls.client_context(cert)) as gateway:
+        with pytest.raises(ssl.SSLCertVerificationError):  # a client that does not trust it: refused, nothing else breaks
+            await GatewaySession.connect(gateway.url, loopback_ice=True, ssl_context=ssl.create_default_context())
+        sessions = await open_spread(gateway, 2, ssl_context=gateway.trusted)
+        try:
+            for session in sessions:
+                assert "Paris" in await answered(session)
         finally:
             for session in sessions:
                 await session.close()
