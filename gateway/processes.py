@@ -59,9 +59,10 @@ from stream.ports import check_can_listen
 from stream.running import run, until_signalled
 
 from .children import Child, stop_all, supervise
-from .handoff import Inlet, Outlet, accept_outlets
+from .handoff import AcceptErrors, Inlet, Outlet, accept_outlets
 from .launch import print_listening
 from .ledger import SessionLedger
+from .limits import TokenBucket
 from .process_link import MAX_LINE_BYTES, FleetMember, LinkClosed, Message, ProcessLink
 from .spread import Spread
 from .tokens import TokenChecker
@@ -73,6 +74,9 @@ REPORT_TIMEOUT_S = 1.5
 """How long the supervisor waits for one process's report; a process that does not answer is left out."""
 LISTENING_TIMEOUT_S = 120.0
 """How long the processes may take to start listening."""
+HAND_WAIT_S = 2.0
+"""How long a connection that no process can take now is held before it is closed (the SDKs try again)."""
+HAND_RETRY_S = 0.02
 
 
 def say(line: str) -> None:
@@ -98,29 +102,47 @@ class Supervisor:
         self.outlets: dict[int, Outlet] = {}
         self.spread = Spread()
         self.can_hand = asyncio.Event()
-        """Set while some process can take a connection; the port is not accepted on otherwise (connections wait in its backlog)."""
+        """Set while some process has its hand-off socket open; the port is not accepted on otherwise (connections wait in its backlog)."""
         self._owners = itertools.count(1)
+        self._drops_logged = TokenBucket(1.0, 10.0)
 
     # -- connections ------------------------------------------------------------------
 
     async def hand_out(self, listener: socket.socket) -> None:
-        """Accept on the gateway's port and hand each connection to a process, until cancelled."""
+        """Accept on one of the gateway's listening sockets and hand each connection to a process, until cancelled.
+
+        A connection no process can take now (every one is stuck, or none is
+        up) is held for up to ``HAND_WAIT_S``, tried again every
+        ``HAND_RETRY_S``, then closed; meanwhile later ones wait in the
+        kernel's backlog.
+        """
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        errors = AcceptErrors("a connection on the gateway's port")
         while True:
             await self.can_hand.wait()
-            connection, _ = await loop.sock_accept(listener)
-            with connection:  # the supervisor's copy: closed once handed (or when nobody can take it)
-                self.hand(connection, time.monotonic())
+            try:
+                connection, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors, of memory: the box's trouble, not this loop's end
+                await errors.failed(exc)
+                continue
+            with connection:  # the supervisor's copy: closed once handed (or given up on)
+                deadline = loop.time() + HAND_WAIT_S
+                while self.hand(connection, time.monotonic()) is None:
+                    if loop.time() >= deadline:
+                        if self._drops_logged.allow():
+                            log.warning("no gateway process could take a connection from %s within %g s; closed", _peer(connection), HAND_WAIT_S)
+                        break
+                    await asyncio.sleep(HAND_RETRY_S)
 
     def hand(self, connection: socket.socket, now: float) -> int | None:
-        """Give ``connection`` to the process :class:`Spread` picks (the next one if that one cannot take it); which one."""
+        """Give ``connection`` to the process :class:`Spread` picks (the next one if that one cannot take it
+        now); which one, or ``None`` if none could."""
         tried: set[int] = set()
         while True:
             held = {index: self.sessions_of(index) for index in self.outlets if index not in tried}
             index = self.spread.choose(held, now)
             if index is None:
-                log.warning("no gateway process could take a connection from %s; closed", _peer(connection))
                 return None
             if self.outlets[index].give(connection):
                 self.spread.handed(index, now)
@@ -132,6 +154,10 @@ class Supervisor:
         return 0 if member is None else self.ledger.held_by(member.owner)
 
     def outlet_opened(self, outlet: Outlet) -> None:
+        if outlet.index not in self.listening:  # not one of this gateway's processes
+            log.warning("a hand-off connection said it is process %d of %d; closed", outlet.index, self.count)
+            outlet.close()
+            return
         old = self.outlets.get(outlet.index)
         if old is not None:  # the process it belonged to is gone; this is the one started in its place
             old.close()
@@ -200,21 +226,30 @@ class Supervisor:
         return [report for report in reports if report is not None]
 
 
-def listen_on(host: str, port: int) -> socket.socket:
-    """The gateway's listening socket on ``host:port`` (the port chosen here when 0), the supervisor's
-    while its processes come and go. Raises :class:`OSError` if another program has the port, also
-    one that would share it (``SO_REUSEPORT``) or an earlier gateway of this user."""
+def listen_on(host: str, port: int) -> list[socket.socket]:
+    """The gateway's listening sockets on ``host:port``, one per address ``host`` names (both
+    families for a name like ``localhost``; IPv6 ones take only IPv6, as asyncio's servers do),
+    all on one port (chosen here when 0); the supervisor's while its processes come and go.
+    Raises :class:`OSError` if another program has the port, also one that would share it
+    (``SO_REUSEPORT``) or an earlier gateway of this user."""
     check_can_listen(host, port, "the gateway")
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    listener = socket.socket(family, kind, proto)
+    listeners: list[socket.socket] = []
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT do not hold it
-        listener.bind(address)
-        listener.listen(socket.SOMAXCONN)
+        for family, kind, proto, _, address in dict.fromkeys(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT do not hold it
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if listeners[0] is not listener:  # the port the first one got, when it was 0
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            listener.bind(address)
+            listener.listen(socket.SOMAXCONN)
     except BaseException:
-        listener.close()
+        for listener in listeners:
+            listener.close()
         raise
-    return listener
+    return listeners
 
 
 def _peer(connection: socket.socket) -> str:
@@ -241,8 +276,8 @@ async def run_processes(config: Config, count: int) -> int:
     """Run a gateway of ``count`` processes until a signal; the exit status of ``edgestream gateway``."""
     settings = config.gateway
     check_security(config)
-    listener = listen_on(settings.host, settings.port)
-    port = listener.getsockname()[1]
+    listeners = listen_on(settings.host, settings.port)
+    port = listeners[0].getsockname()[1]
     supervisor = Supervisor(settings, count)
     with tempfile.TemporaryDirectory(prefix="edgestream-gateway-") as directory:  # mode 700: only this user joins
         path = str(Path(directory) / "supervisor.sock")
@@ -251,7 +286,7 @@ async def run_processes(config: Config, count: int) -> int:
         handoff.bind(str(Path(directory) / "handoff.sock"))
         handoff.listen(count * 2)
         outlets = asyncio.create_task(accept_outlets(handoff, supervisor.outlet_opened, supervisor.outlet_closed), name="hand-off sockets")
-        hand_out = asyncio.create_task(supervisor.hand_out(listener), name="accepting")
+        accepting = [asyncio.create_task(supervisor.hand_out(listener), name="accepting") for listener in listeners]
         spec = {"config": config.model_dump(mode="json"), "processes": count, "directory": directory, "port": port}
         kids = [
             Child(
@@ -277,15 +312,23 @@ async def run_processes(config: Config, count: int) -> int:
         finally:
             stopper.cancel()
             say("stopping")
-            hand_out.cancel()  # new connections wait in the backlog, and are refused when it closes
-            listener.close()
+            await _cancelled(accepting)  # new connections wait in the backlog, and are refused when it closes
+            for listener in listeners:
+                listener.close()
             await stop_all(kids)
-            outlets.cancel()
+            await _cancelled([outlets])
             for outlet in list(supervisor.outlets.values()):
                 outlet.close()
             handoff.close()
             server.close()
     return code
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have stopped (before the sockets they use are closed)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _all_listening(supervisor: Supervisor, kids: list[Child], stopper: asyncio.Task[None]) -> bool:
@@ -322,12 +365,13 @@ async def serve_process(config: Config, index: int, processes: int, directory: s
     fleet.link.tell({"op": "listening"})
     signalled = asyncio.create_task(until_signalled())
     orphaned = asyncio.create_task(fleet.closed.wait())
+    cut_off = asyncio.create_task(inlet.closed.wait())  # no connection could reach it any more
     try:
-        await asyncio.wait([signalled, orphaned], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([signalled, orphaned, cut_off], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        signalled.cancel()
-        orphaned.cancel()
-    if orphaned.done() and not signalled.done():
+        for task in (signalled, orphaned, cut_off):
+            task.cancel()
+    if not signalled.done():
         log.error("the gateway's supervisor is gone; this process stops")
     inlet.close()
     await gateway.close()

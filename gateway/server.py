@@ -71,6 +71,9 @@ log = logging.getLogger("edgestream.gateway")
 WEB_ROOT = Path(str(resources.files("gateway") / "web")).resolve()
 """The page and the JS SDK: package data (``gateway/web`` links to the repository's ``web/``)."""
 MAX_SIGNALING_BYTES = 64 * 1024
+SIGNALING_OPEN_TIMEOUT_S = 10.0
+"""The TLS and WebSocket opening handshakes of a signaling connection, each at most this long."""
+SIGNALING_CLOSE_TIMEOUT_S = 10.0
 OFFER_TIMEOUT_S = 10.0
 TOKEN_CHECK_INTERVAL_S = 1.0
 """How often the token file is checked for changes (a revoked token's sessions end within this)."""
@@ -208,6 +211,8 @@ class Gateway:
             process_request=get_and_head_only(self._http),
             create_connection=self._connection_class,
             max_size=MAX_SIGNALING_BYTES,
+            open_timeout=SIGNALING_OPEN_TIMEOUT_S,
+            close_timeout=SIGNALING_CLOSE_TIMEOUT_S,
             compression=None,  # small JSON messages: per-message deflate would cost CPU and a zlib context per session
             ssl=self.ssl_context,
         )
@@ -226,17 +231,19 @@ class Gateway:
         connection.setblocking(False)
 
         def signaling_connection() -> ServerConnection:
-            return self._connection_class(ServerProtocol(max_size=MAX_SIGNALING_BYTES), server)
+            return self._connection_class(ServerProtocol(max_size=MAX_SIGNALING_BYTES), server, close_timeout=SIGNALING_CLOSE_TIMEOUT_S)
 
         async def serve_it() -> None:
             loop = asyncio.get_running_loop()
+            tls_timeouts = {"ssl_handshake_timeout": SIGNALING_OPEN_TIMEOUT_S, "ssl_shutdown_timeout": SIGNALING_CLOSE_TIMEOUT_S}
             try:
-                await loop.connect_accepted_socket(
-                    signaling_connection, connection, ssl=self.ssl_context, ssl_handshake_timeout=OFFER_TIMEOUT_S if self.ssl_context else None
-                )
-            except Exception as exc:  # reset before it was served, a failed TLS handshake: that connection only
-                log.info("a connection handed to this process could not be served: %s", exc or type(exc).__name__)
+                await loop.connect_accepted_socket(signaling_connection, connection, ssl=self.ssl_context, **(tls_timeouts if self.ssl_context else {}))
+            except Exception as exc:  # reset before it was served, a failed TLS handshake (a scanner, plain HTTP): that connection only
+                log.debug("a connection handed to this process could not be served: %s", exc or type(exc).__name__)
                 connection.close()
+            except BaseException:
+                connection.close()
+                raise
 
         task = asyncio.create_task(serve_it(), name="handed connection")
         self._adopting.add(task)

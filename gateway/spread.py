@@ -13,7 +13,10 @@ the page's files) take turns too.
 
 A handed connection counts until a session of that process is claimed in the
 ledger or ``settle_s`` passes (it was a plain HTTP request, or its offer was
-refused). Worst case held: one timestamp per connection handed in the last
+refused). The claim names a session, not the connection it came on, so it
+takes away the oldest connection on its way: while a plain request is among
+them, a new session may count twice for up to ``settle_s``. The error only
+ever sends the next connection elsewhere, and ends by itself. Worst case held: one timestamp per connection handed in the last
 ``settle_s`` seconds, and at most ``MAX_PENDING`` per process.
 """
 

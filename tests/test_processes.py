@@ -143,13 +143,27 @@ def test_a_port_another_program_listens_on_is_refused():
     with socket.create_server(("127.0.0.1", 0), reuse_port=True) as sharing:  # a program that would share it
         with pytest.raises(OSError):
             listen_on("127.0.0.1", sharing.getsockname()[1])
-    listener = listen_on("127.0.0.1", 0)  # a free one
+    listeners = listen_on("127.0.0.1", 0)  # a free one
     try:
-        assert listener.getsockname()[1] > 0
+        assert len(listeners) == 1 and listeners[0].getsockname()[1] > 0
         with pytest.raises(OSError):  # a second gateway on it
-            listen_on("127.0.0.1", listener.getsockname()[1])
+            listen_on("127.0.0.1", listeners[0].getsockname()[1])
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
+
+
+def test_a_name_of_several_addresses_is_listened_on_at_each_on_one_port():
+    import socket
+
+    addresses = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    listeners = listen_on("localhost", 0)
+    try:
+        assert {listener.getsockname()[0] for listener in listeners} == addresses
+        assert len({listener.getsockname()[1] for listener in listeners}) == 1
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 async def test_session_limits_metrics_and_revocation_hold_across_processes(tmp_path, canned_workers):

@@ -169,3 +169,65 @@ async def test_a_hand_off_connection_that_does_not_say_which_process_it_is_is_cl
     finally:
         task.cancel()
         listener.close()
+
+
+async def test_a_process_whose_end_is_gone_is_dropped_when_a_connection_cannot_be_sent():
+    supervisor = Supervisor(GatewaySettings(), 2)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        for index, (ours, _) in enumerate(pairs):
+            supervisor.outlet_opened(Outlet(index, ours, supervisor.outlet_closed))
+        pairs[0][1].close()  # process 0 exited; the supervisor has not read the end of file yet
+        client, accepted = socket.socketpair()
+        with client, accepted:
+            assert supervisor.hand(accepted, now=0.0) == 1  # 0 failed with EPIPE, 1 took it
+        assert list(supervisor.outlets) == [1]
+        assert _received(pairs[1][1]) == 1
+    finally:
+        for outlet in list(supervisor.outlets.values()):
+            outlet.close()
+        pairs[1][1].close()
+
+
+async def test_a_hand_off_of_an_index_not_in_the_gateway_is_refused():
+    supervisor = Supervisor(GatewaySettings(), 2)
+    ours, theirs = socket.socketpair()
+    with theirs:
+        supervisor.outlet_opened(Outlet(7, ours, supervisor.outlet_closed))
+        assert supervisor.outlets == {} and not supervisor.can_hand.is_set()
+        assert theirs.recv(1) == b""  # closed
+
+
+async def test_a_connection_accepted_by_the_supervisor_reaches_the_process_and_still_works(tmp_path):
+    from gateway.handoff import Inlet, accept_outlets
+
+    path = str(tmp_path / "handoff.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    supervisor = Supervisor(GatewaySettings(), 1)
+    outlets = asyncio.create_task(accept_outlets(listener, supervisor.outlet_opened, supervisor.outlet_closed))
+    adopted: asyncio.Queue[socket.socket] = asyncio.Queue()
+    inlet = Inlet(path, 0, adopted.put_nowait)
+    try:
+        await inlet.connect()
+        async with asyncio.timeout(5):
+            await supervisor.can_hand.wait()
+        client, accepted = socket.socketpair()
+        with client:
+            with accepted:
+                assert supervisor.hand(accepted, now=0.0) == 0
+            async with asyncio.timeout(5):
+                taken = await adopted.get()
+            with taken:  # the supervisor's copy is closed; the process's copy is the connection
+                assert not taken.get_inheritable()
+                client.sendall(b"hello")
+                taken.settimeout(5)
+                assert taken.recv(5) == b"hello"
+        supervisor.outlets[0].close()  # the supervisor stops: the process hears it
+        async with asyncio.timeout(5):
+            await inlet.closed.wait()
+    finally:
+        inlet.close()
+        outlets.cancel()
+        listener.close()
