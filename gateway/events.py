@@ -48,6 +48,10 @@ class AnswerDone(_Event):
     interrupted: bool = False
     truncated: bool = False
     """The answer hit ``max_answer_tokens`` (an ``answer_truncated`` error follows)."""
+    gaps: int = 0
+    """Times the answer's audio ran out before its end (a piece was not synthesized by the time the one before it had played)."""
+    gap_ms: float = 0.0
+    """The silence those gaps made, in all."""
 
 
 class BargeIn(_Event):

@@ -397,6 +397,33 @@ def test_a_cut_utterance_is_ended_and_reported():
 # -- barge-in ---------------------------------------------------------------------------------
 
 
+def test_audio_that_runs_out_before_the_answer_ends_is_counted_as_a_gap_with_its_silence():
+    talk = Talk()
+    asked(talk, "Tell me a story")
+    talk.tokens(" Once", " upon", " a", " time,", " there", " was", " a", " dragon.")
+    tts = talk.start(TTS)
+    talk(Speech(tts, pcm(100), 22050))
+    talk(Playing(1, 0, talk.now))
+    talk(PieceSpoken(tts, talk.conversation.answer.pieces[0]))
+    talk(PlayoutIdle(1), after_s=0.2)  # piece 0 played out; piece 1 is not synthesized yet
+    assert not talk.events(AnswerDone)
+    talk(Speech(tts, pcm(100), 22050), after_s=0.15)
+    talk(Playing(1, 1, talk.now))  # 150 ms of silence mid-answer
+    talk(JobFinished(talk.job(LLM)))
+    talk(PieceSpoken(tts, talk.conversation.answer.pieces[1]))
+    talk(JobFinished(tts))
+    talk(PlayoutIdle(1), after_s=0.3)  # the end: no gap
+    done = talk.events(AnswerDone)
+    assert len(done) == 1 and done[0].gaps == 1 and done[0].gap_ms == pytest.approx(150, abs=0.5)
+
+
+def test_an_answer_whose_audio_never_ran_out_has_no_gap():
+    talk = Talk()
+    answered_turn(talk)
+    done = talk.events(AnswerDone)
+    assert len(done) == 1 and done[0].gaps == 0 and done[0].gap_ms == 0
+
+
 def playing_answer(talk: Talk, pieces_heard: int) -> None:
     talk.speak()
     talk.start(STT)

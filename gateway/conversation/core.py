@@ -207,6 +207,11 @@ class _Answer:
     """No TTS worker: the answer is text only."""
     audio_queued: bool = False
     """Audio was queued on the answer track since it last reported idle."""
+    gap_since: float | None = None
+    """When the answer track ran out of audio before the answer's end (the next piece was late)."""
+    gaps: int = 0
+    gap_s: float = 0.0
+    """Times the answer's audio ran out before its end, and the silence that made in all."""
     latency_sent: bool = False
     over: bool = False
 
@@ -586,6 +591,10 @@ class Conversation:
         if answer is None or answer.turn.number != event.turn:
             return
         answer.pieces_started = max(answer.pieces_started, event.piece + 1)
+        if answer.gap_since is not None:
+            answer.gaps += 1
+            answer.gap_s += max(0.0, self._now - answer.gap_since)
+            answer.gap_since = None
         turn = answer.turn
         if "first_audio_sent" not in turn.marks and turn.speech_end is not None:
             turn.marks["first_audio_sent"] = round((event.at - turn.speech_end) * 1000, 1)
@@ -595,6 +604,8 @@ class Conversation:
         answer = self.answer
         if answer is not None and answer.turn.number == event.turn:
             answer.audio_queued = False
+            if not (answer.generated and (answer.speech_done or answer.speechless)):
+                answer.gap_since = self._now  # more is coming: silence until it does
             self._maybe_over(answer)
 
     def _tick(self, event: Tick) -> None:
@@ -900,7 +911,8 @@ class Conversation:
             self.answer = None
         number = answer.turn.number
         self._remember(answer.question, answer.text)
-        self._out.append(cmd.Emit(AnswerDone(turn=number, text=answer.text, truncated=answer.truncated)))
+        gaps = {"gaps": answer.gaps, "gap_ms": round(answer.gap_s * 1000, 1)}
+        self._out.append(cmd.Emit(AnswerDone(turn=number, text=answer.text, truncated=answer.truncated, **gaps)))
         if answer.truncated:
             self._out.append(
                 cmd.Emit(

@@ -389,7 +389,8 @@ def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: 
     number = latency["turn"]
     heard = [e for e in events if e["type"] == "transcript.final" and number - turns < e.get("turn", 0) <= number]
     transcript = " ".join(e["text"] for e in heard)
-    answer = next((e["text"] for e in events if e["type"] == "answer.done" and e.get("turn") == number), "")
+    done = next((e for e in events if e["type"] == "answer.done" and e.get("turn") == number), {})
+    answer = done.get("text", "")
     errors, words = word_errors(question.text, transcript)
     row = {
         "question": question.text,
@@ -402,6 +403,8 @@ def _turn_row(question: Spoken, v2v_ms: float, latency: dict[str, Any], events: 
         "word_errors": errors,
         "words": words,
         "answer": answer,
+        "answer_gaps": done.get("gaps"),
+        "answer_gap_ms": done.get("gap_ms"),
         "workers": latency.get("workers", {}),
     }
     if latency.get("first_audio_sent") is not None and latency.get("first_token") is not None:
@@ -458,6 +461,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         statistics.median(r["voice_to_voice_ms"] - r["first_audio_sent"] for r in rows if r.get("first_audio_sent") is not None), 1
     )
     after_token = [r["first_audio_after_first_token_ms"] for r in rows if "first_audio_after_first_token_ms" in r]
+    gapped = [r["answer_gap_ms"] for r in rows if r.get("answer_gaps")]  # absent from a baseline tree's events
     return {
         "turns": len(rows),
         "p50_ms": round(p50, 1),
@@ -468,6 +472,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "first_audio_after_first_token_p50_ms": round(statistics.median(after_token), 1) if after_token else None,
         "word_error_rate": round(sum(r["word_errors"] for r in rows) / max(1, sum(r["words"] for r in rows)), 3),
         "questions_heard_as_two_turns": sum(r["turns_heard"] > 1 for r in rows),
+        "answers_with_a_gap": len(gapped),
+        "answer_gap_ms_max": max(gapped, default=0.0),
     }
 
 
@@ -550,7 +556,8 @@ async def run_voice_bench(
         print(f"  {'':<12} stage medians: " + ", ".join(f"{k} {v}" for k, v in pooled["stage_medians_ms"].items()))
         print(
             f"  {'':<12} first audio after first token p50 {pooled['first_audio_after_first_token_p50_ms']} ms; "
-            f"WER {pooled['word_error_rate']}; max {pooled['max_ms']} ms; turns above 2x p50: {pooled['turns_above_2x_p50']}"
+            f"WER {pooled['word_error_rate']}; max {pooled['max_ms']} ms; turns above 2x p50: {pooled['turns_above_2x_p50']}; "
+            f"answers whose audio ran out mid-answer: {pooled['answers_with_a_gap']} of {pooled['turns']} (longest {pooled['answer_gap_ms_max']} ms)"
         )
     print("  idle floors: " + ", ".join(f"{k} {v}" for k, v in floors.items()))
     out.write_text(json.dumps(results, indent=2))
