@@ -25,26 +25,24 @@ def test_the_process_with_the_fewest_sessions_takes_the_connection():
     assert spread.choose({}, now=0.0) is None
 
 
-def test_a_burst_of_connections_alternates_before_any_becomes_a_session():
-    spread = Spread()
+def burst(spread: Spread, sessions: dict[int, int], connections: int, now: float) -> list[int]:
+    """Where ``connections`` arriving at once go, none of them a session yet."""
     picks = []
-    for _ in range(6):
-        index = spread.choose({0: 0, 1: 0}, now=0.0)
+    for _ in range(connections):
+        index = spread.choose(sessions, now)
         assert index is not None
-        spread.handed(index, now=0.0)
+        spread.handed(index, now)
         picks.append(index)
-    assert picks == [0, 1, 0, 1, 0, 1]
+    return picks
+
+
+def test_a_burst_of_connections_alternates_before_any_becomes_a_session():
+    assert burst(Spread(), {0: 0, 1: 0}, 6, now=0.0) == [0, 1, 0, 1, 0, 1]
 
 
 def test_a_burst_fills_the_emptier_process_first():
-    spread = Spread()
-    picks = []
-    for _ in range(4):
-        index = spread.choose({0: 3, 1: 0}, now=1.0)
-        assert index is not None
-        spread.handed(index, now=1.0)
-        picks.append(index)
-    assert picks == [1, 1, 1, 0]  # 3 + 0 pending against 0 + 3, then the tie goes to the one handed least recently
+    # 3 + 0 on its way against 0 + 3, then the tie goes to the one handed least recently
+    assert burst(Spread(), {0: 3, 1: 0}, 4, now=1.0) == [1, 1, 1, 0]
 
 
 def test_a_claimed_session_stops_counting_as_on_its_way():
