@@ -175,10 +175,9 @@ class Inlet:
                 return
             except OSError:
                 data, fds = b"", []
-            for fd in fds:  # not passed on to a child process (the flag above is not honoured everywhere)
-                os.set_inheritable(fd, False)
-            taken = [socket.socket(fileno=fd) for fd in fds]
-            for connection in taken:
+            for fd in fds:
+                os.set_inheritable(fd, False)  # not passed on to a child process (the flag above is not honoured everywhere)
+                connection = socket.socket(fileno=fd)
                 try:
                     self._adopt(connection)
                 except Exception:  # that connection only

@@ -216,6 +216,11 @@ class _Answer:
     over: bool = False
 
     @property
+    def all_audio_made(self) -> bool:
+        """Every word of the answer is generated and spoken by TTS (or it has no speech): no more audio is coming."""
+        return self.generated and (self.speech_done or self.speechless)
+
+    @property
     def pieces_spoken(self) -> int:
         return self.tts_base + self.spoken_in_attempt
 
@@ -604,7 +609,7 @@ class Conversation:
         answer = self.answer
         if answer is not None and answer.turn.number == event.turn:
             answer.audio_queued = False
-            if not (answer.generated and (answer.speech_done or answer.speechless)):
+            if not answer.all_audio_made:
                 answer.gap_since = self._now  # more is coming: silence until it does
             self._maybe_over(answer)
 
@@ -902,17 +907,15 @@ class Conversation:
 
     def _maybe_over(self, answer: _Answer) -> None:
         """The answer is over once it is confirmed, generated, spoken and played."""
-        if answer.over or not answer.confirmed or not answer.generated:
-            return
-        if not (answer.speech_done or answer.speechless) or answer.audio_queued:
+        if answer.over or not answer.confirmed or not answer.all_audio_made or answer.audio_queued:
             return
         answer.over = True
         if self.answer is answer:
             self.answer = None
         number = answer.turn.number
         self._remember(answer.question, answer.text)
-        gaps = {"gaps": answer.gaps, "gap_ms": round(answer.gap_s * 1000, 1)}
-        self._out.append(cmd.Emit(AnswerDone(turn=number, text=answer.text, truncated=answer.truncated, **gaps)))
+        done = AnswerDone(turn=number, text=answer.text, truncated=answer.truncated, gaps=answer.gaps, gap_ms=round(answer.gap_s * 1000, 1))
+        self._out.append(cmd.Emit(done))
         if answer.truncated:
             self._out.append(
                 cmd.Emit(
